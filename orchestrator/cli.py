@@ -1,0 +1,306 @@
+"""The `orchestrator` command line. Bad input -> one line `error: ...` on stderr and exit status 2, before any row."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from shared import constants as C
+from shared.errors import UserError
+from shared.settings import Settings, mask_url
+
+
+def _print(obj: Any) -> None:
+    print(obj, flush=True)
+
+
+# -- submit -----------------------------------------------------------------------------------------------------------
+
+def cmd_submit(args, settings: Settings) -> int:
+    from orchestrator import submit
+
+    fn = getattr(submit, "submit_" + args.kind.replace("-", "_"))
+    job_id = fn(settings, args)
+    if args.json and not args.wait:
+        from orchestrator.output import dumps
+
+        _print(dumps({"job_id": job_id}))
+    elif not args.json:
+        _print(job_id)
+    if args.wait:
+        return _wait_and_report(settings, job_id, args.json)
+    return C.EXIT_OK
+
+
+def _wait_and_report(settings: Settings, job_id: str, as_json: bool, timeout: float | None = None) -> int:
+    from orchestrator import jobs, queries
+    from orchestrator.output import dumps
+
+    job = jobs.wait(settings, job_id, timeout=timeout)
+    if as_json:
+        st = queries.job_status(settings, job_id)
+        st.pop("spec", None)
+        st["metrics"] = queries.summary_metrics(settings, job_id)
+        _print(dumps(st))
+    else:
+        _print(f"{job.id}: {job.state} ({job.shards_done}/{job.shards_total} shards)")
+        if job.error:
+            _print(f"error: {job.error.splitlines()[0]}")
+    return C.EXIT_OK if job.state == "succeeded" else C.EXIT_JOB_FAILED
+
+
+def _add_common_submit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 unless it succeeded")
+    p.add_argument("--json", action="store_true", help='print {"job_id": ...} (with --wait: the final status)')
+
+
+def add_submit_parsers(sub) -> None:
+    p = sub.add_parser("submit", help="create a job and enqueue its shards")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+
+    inv = kinds.add_parser("invert", help="encode M3FD pairs with the SD VAE and DDIM-invert both latents to t")
+    inv.add_argument("--data", required=True, help="M3FD folder (flat Vis/ Ir/ or the scene tree)")
+    inv.add_argument("--model", required=True, help="local diffusers SD folder or hub id in the offline cache")
+    inv.add_argument("--shards", type=int, default=16)
+    inv.add_argument("--t", type=int, default=None, help="inversion end timestep (default: the preset's, 400)")
+    inv.add_argument("--steps", type=int, default=None, help="schedule granularity over 1000 steps (readme: 50)")
+    inv.add_argument("--size", type=int, default=None, help="centre-crop side in pixels (readme: 512)")
+    inv.add_argument("--batch-size", type=int, default=8)
+    inv.add_argument("--preset", choices=["readme", "seed-code"], default="readme")
+    inv.add_argument("--split-seed", type=int, default=42)
+    inv.add_argument("--test-fraction", type=float, default=0.2)
+    inv.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+    inv.add_argument("--seed", type=int, default=0, help="seed of latent sampling (seed-code preset)")
+    _add_common_submit(inv)
+
+
+# -- read side --------------------------------------------------------------------------------------------------------
+
+def cmd_status(args, settings: Settings) -> int:
+    from orchestrator import queries
+    from orchestrator.output import dumps
+
+    st = queries.job_status(settings, args.job)
+    if args.json:
+        _print(dumps(st))
+        return C.EXIT_OK
+    _print(f"job      {st['job_id']}  ({st['kind']})")
+    _print(f"state    {st['state']}")
+    _print(f"shards   {st['shards_done']}/{st['shards_total']} done, {st['shards_failed']} failed  "
+           + " ".join(f"{k}={v}" for k, v in sorted(st["shards_by_state"].items())))
+    _print(f"created  {st['created_at']}   finished {st['finished_at'] or '-'}")
+    for r in st["running"]:
+        pr = r["progress"] or {}
+        extra = " ".join(f"{k}={v}" for k, v in pr.items() if k not in ("job_id", "shard"))
+        _print(f"  shard {r['shard']:>4} on {r['worker']}: {extra}")
+    if st["error"]:
+        _print(f"error    {st['error'].splitlines()[0]}")
+    return C.EXIT_OK
+
+
+def cmd_jobs(args, settings: Settings) -> int:
+    from orchestrator import queries
+    from orchestrator.output import dumps, table
+
+    rows = queries.list_jobs(settings, args.kind, args.state, args.limit)
+    if args.json:
+        _print(dumps(rows))
+    else:
+        for r in rows:
+            r["shards"] = f"{r['shards_done']}/{r['shards_total']}"
+            r["created"] = (r["created_at"] or "")[:19].replace("T", " ")
+        _print(table(rows, ["job_id", "kind", "state", "shards", "created"]))
+    return C.EXIT_OK
+
+
+def cmd_results(args, settings: Settings) -> int:
+    from orchestrator import queries
+    from orchestrator.output import dumps, table, write_csv
+
+    rows = queries.results(settings, args.job, limit=args.limit, offset=args.offset)
+    if args.format == "json":
+        _print(dumps(rows))
+    elif args.format == "csv":
+        write_csv(rows)
+    else:
+        cols = None
+        if rows and "pair_id" in rows[0]:
+            cols = ["pair_id", "split", "shard", "position", "artifact"]
+        _print(table(rows, cols))
+    return C.EXIT_OK
+
+
+def cmd_metrics(args, settings: Settings) -> int:
+    from orchestrator import queries
+    from orchestrator.output import dumps, fmt
+
+    m = queries.summary_metrics(settings, args.job)
+    if args.json:
+        _print(dumps(m))
+    else:
+        for k, v in m.items():
+            _print(f"{k:<28} {fmt(v)}")
+    return C.EXIT_OK
+
+
+def cmd_cancel(args, settings: Settings) -> int:
+    from orchestrator import jobs
+
+    _print(f"{args.job}: {jobs.cancel(settings, args.job)}")
+    return C.EXIT_OK
+
+
+def cmd_resume(args, settings: Settings) -> int:
+    from orchestrator import jobs
+
+    n = jobs.resume(settings, args.job)
+    _print(f"{args.job}: re-enqueued {n} unfinished shard(s)")
+    return C.EXIT_OK
+
+
+def cmd_retry(args, settings: Settings) -> int:
+    from orchestrator import jobs
+
+    if not args.failed:
+        raise UserError("say which shards to retry: `orchestrator retry JOB --failed`")
+    n = jobs.resume(settings, args.job, failed_only=True)
+    _print(f"{args.job}: re-enqueued {n} failed shard(s)")
+    return C.EXIT_OK
+
+
+def cmd_db(args, settings: Settings) -> int:
+    from shared import db
+
+    if args.action == "upgrade":
+        db.upgrade(settings.database_url)
+        _print(f"database at revision {db.current_revision(settings.database_url)}: {mask_url(settings.database_url)}")
+    else:
+        _print(mask_url(settings.database_url))
+    return C.EXIT_OK
+
+
+def cmd_fixtures(args, settings: Settings) -> int:
+    from pathlib import Path
+
+    out = Path(args.out)
+    if args.what == "m3fd":
+        from workers.ml.m3fd import write_synthetic
+
+        ids = write_synthetic(out, args.pairs, width=args.width, height=args.height, seed=args.seed)
+        _print(f"wrote {len(ids)} synthetic pairs in the flat M3FD layout to {out}")
+    elif args.what == "tiny-sd":
+        from workers.ml.sd import write_tiny_sd
+
+        _print(f"wrote a tiny randomly initialised SD model to {write_tiny_sd(out, seed=args.seed)}")
+    else:
+        from workers.ml.mnist import write_fixture
+
+        _print(f"wrote MNIST IDX files (real digits) to {write_fixture(out)}")
+    return C.EXIT_OK
+
+
+def cmd_worker(args, settings: Settings) -> int:
+    from orchestrator.worker import run_workers
+
+    return run_workers(args.queues, gpus=args.gpus, concurrency=args.concurrency, processes=args.processes,
+                       hostname=args.hostname, loglevel=args.loglevel, pool=args.pool,
+                       max_memory_per_child=args.max_memory_per_child, max_tasks_per_child=args.max_tasks_per_child)
+
+
+def cmd_demo(args, settings: Settings) -> int:
+    from orchestrator.demo import run_demo
+
+    return run_demo(settings, workers=args.workers, pairs=args.pairs, shards=args.shards)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="orchestrator", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_submit_parsers(sub)
+
+    s = sub.add_parser("status", help="one job's state, shard counts and running shards")
+    s.add_argument("job")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("jobs", help="list jobs, newest first")
+    s.add_argument("--kind", choices=C.JOB_KINDS)
+    s.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("results", help="a job's results: pairs, checkpoints, per-item metrics or artifacts")
+    s.add_argument("job")
+    s.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--offset", type=int, default=0)
+
+    s = sub.add_parser("metrics", help="a job's summary metrics as {name: value}")
+    s.add_argument("job")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("cancel", help="cancel a job (running training saves a checkpoint first)")
+    s.add_argument("job")
+    s = sub.add_parser("resume", help="re-enqueue only the unfinished shards of a job")
+    s.add_argument("job")
+    s = sub.add_parser("retry", help="re-enqueue the failed shards of a job")
+    s.add_argument("job")
+    s.add_argument("--failed", action="store_true")
+
+    s = sub.add_parser("db", help="database: run migrations, or print the (masked) URL")
+    s.add_argument("action", choices=["upgrade", "url"])
+
+    s = sub.add_parser("fixtures", help="write test data and tiny models")
+    fx = s.add_subparsers(dest="what", required=True)
+    f = fx.add_parser("m3fd", help="synthetic pairs in the flat M3FD layout (IR a fixed function of the scene)")
+    f.add_argument("--out", required=True)
+    f.add_argument("--pairs", type=int, default=32)
+    f.add_argument("--width", type=int, default=128)
+    f.add_argument("--height", type=int, default=96)
+    f.add_argument("--seed", type=int, default=0)
+    f = fx.add_parser("tiny-sd", help="a tiny randomly initialised model of the real SD classes")
+    f.add_argument("--out", required=True)
+    f.add_argument("--seed", type=int, default=0)
+    f = fx.add_parser("mnist", help="MNIST IDX files made from the real embedded digits")
+    f.add_argument("--out", required=True)
+
+    s = sub.add_parser("worker", help="start Celery worker processes (one per GPU)")
+    s.add_argument("--queues", default="gpu,cpu", help="comma-separated: gpu, train, cpu")
+    s.add_argument("--gpus", default=None, help="GPU indices (0,1) or 'all'; omitted: CPU")
+    s.add_argument("--processes", type=int, default=1, help="CPU only: number of worker processes")
+    s.add_argument("--concurrency", type=int, default=1, help="pool processes per worker (keep 1 per GPU)")
+    s.add_argument("--pool", choices=["prefork", "solo", "threads"], default="prefork")
+    s.add_argument("--hostname", default=None, help="Celery node name, e.g. gpu-a@%%h")
+    s.add_argument("--loglevel", default="INFO")
+    s.add_argument("--max-memory-per-child", type=int, default=None, help="KiB; recycle a pool child above it")
+    s.add_argument("--max-tasks-per-child", type=int, default=None)
+
+    s = sub.add_parser("demo", help="run the main job end to end on the embedded default")
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--pairs", type=int, default=32)
+    s.add_argument("--shards", type=int, default=16)
+    return p
+
+
+COMMANDS = {
+    "submit": cmd_submit, "status": cmd_status, "jobs": cmd_jobs, "results": cmd_results, "metrics": cmd_metrics,
+    "cancel": cmd_cancel, "resume": cmd_resume, "retry": cmd_retry, "db": cmd_db, "fixtures": cmd_fixtures,
+    "worker": cmd_worker, "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        return COMMANDS[args.command](args, settings)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return C.EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Creating, cancelling, resuming and waiting for jobs (the control plane's writes)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import insert, select, update
+
+from shared.db import ensure_schema, session_scope
+from shared.errors import UserError
+from shared.models import Item, Job, Lineage, Shard
+from shared.settings import Settings
+from shared.status import JobState, ShardState
+from workers.bookkeeping import utcnow
+from workers.dispatch import enqueue_shards
+
+
+def new_job_id(kind: str) -> str:
+    return f"{kind.split('-')[0][:8]}-{uuid.uuid4().hex[:12]}"
+
+
+def create_job(
+    settings: Settings,
+    kind: str,
+    spec: dict[str, Any],
+    n_shards: int,
+    items: Sequence[dict[str, Any]] = (),
+    lineage: Sequence[tuple[str, str, str]] = (),
+) -> str:
+    """Insert the job, its shards, items and lineage in ONE transaction: a job is never half-created."""
+    ensure_schema(settings)
+    job_id = new_job_id(kind)
+    with session_scope(settings) as s:
+        s.add(Job(id=job_id, kind=kind, spec=spec, state=JobState.QUEUED.value, shards_total=n_shards))
+        s.flush()
+        s.execute(insert(Shard), [{"job_id": job_id, "index": i, "state": ShardState.PENDING.value}
+                                  for i in range(n_shards)])
+        if items:
+            s.execute(insert(Item), [{"job_id": job_id, **it} for it in items])
+        if lineage:
+            s.execute(insert(Lineage), [{"job_id": job_id, "input_kind": k, "input_ref": r, "role": role}
+                                        for k, r, role in lineage])
+    return job_id
+
+
+def submit(settings: Settings, kind: str, spec: dict[str, Any], n_shards: int, items=(), lineage=()) -> str:
+    """Create the rows, then publish the shards. A crash in between leaves a `queued` job with pending shards that
+    `orchestrator resume` (or the reaper) publishes; nothing is lost."""
+    job_id = create_job(settings, kind, spec, n_shards, items, lineage)
+    enqueue_shards(settings, job_id)
+    return job_id
+
+
+def get_job(settings: Settings, job_id: str) -> Job:
+    ensure_schema(settings)
+    with session_scope(settings) as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise UserError(f"no job '{job_id}': list jobs with `orchestrator jobs`")
+        s.expunge(job)
+        return job
+
+
+def cancel(settings: Settings, job_id: str) -> str:
+    """Cancel a job: unstarted shards are cancelled at once; running ones stop at their next check (training runs
+    get SIGTERM, save a checkpoint and stop)."""
+    job = get_job(settings, job_id)
+    if JobState(job.state).finished:
+        return job.state
+    now = utcnow()
+    with session_scope(settings) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+            .values(state=JobState.CANCELLED.value, finished_at=now)
+        )
+        s.execute(
+            update(Shard)
+            .where(Shard.job_id == job_id, Shard.state.in_([ShardState.PENDING, ShardState.QUEUED]))
+            .values(state=ShardState.CANCELLED.value)
+        )
+    return JobState.CANCELLED.value
+
+
+def resume(settings: Settings, job_id: str, failed_only: bool = False) -> int:
+    """Re-enqueue only the unfinished shards of a cancelled, failed or stuck job (done shards are kept)."""
+    job = get_job(settings, job_id)
+    if job.state == JobState.SUCCEEDED:
+        raise UserError(f"job '{job_id}' already succeeded: nothing to resume")
+    states = [ShardState.FAILED] if failed_only else [
+        ShardState.PENDING, ShardState.QUEUED, ShardState.CANCELLED, ShardState.FAILED,
+    ]
+    with session_scope(settings) as s:
+        # running shards keep their lease: they notice the job is running again and carry on (or requeue themselves)
+        s.execute(
+            update(Shard)
+            .where(Shard.job_id == job_id, Shard.state.in_(states))
+            .values(state=ShardState.PENDING.value, error=None)
+        )
+        failed = s.execute(
+            select(Shard.index).where(Shard.job_id == job_id, Shard.state == ShardState.FAILED)
+        ).scalars().all()
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(state=JobState.RUNNING.value, finished_at=None, error=None, shards_failed=len(failed))
+        )
+    return enqueue_shards(settings, job_id)
+
+
+def wait(settings: Settings, job_id: str, timeout: float | None = None, poll: float = 0.5, on_tick=None) -> Job:
+    """Block until the job ends (or `timeout` seconds pass) and return its final row."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job = get_job(settings, job_id)
+        if on_tick is not None:
+            on_tick(job)
+        if JobState(job.state).finished:
+            return job
+        if deadline is not None and time.monotonic() > deadline:
+            return job
+        time.sleep(poll)

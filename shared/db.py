@@ -1,0 +1,152 @@
+"""Engine, sessions and migrations of the results database.
+
+One engine per (process, URL). SQLite (the embedded default) is shared by several local processes: WAL journal, a busy
+timeout, and `BEGIN IMMEDIATE` for every transaction so two writers never deadlock on a lock upgrade. PostgreSQL needs
+nothing special. Migrations are Alembic's; the embedded SQLite DB is upgraded automatically on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, inspect
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.settings import Settings
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+_lock = threading.Lock()
+_engines: dict[tuple[int, str], Engine] = {}
+_sessions: dict[tuple[int, str], sessionmaker] = {}
+_upgraded: set[str] = set()
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, pool_pre_ping=True)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # pragma: no cover - exercised by every sqlite test
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # pragma: no cover
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def get_engine(url: str) -> Engine:
+    key = (os.getpid(), url)  # engines are not fork-safe: one per process
+    with _lock:
+        engine = _engines.get(key)
+        if engine is None:
+            if url.startswith("sqlite"):
+                path = url.split("///", 1)[-1]
+                if path and path != ":memory:":
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                engine = _sqlite_engine(url)
+            else:
+                engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            _engines[key] = engine
+            _sessions[key] = sessionmaker(bind=engine, expire_on_commit=False)
+        return engine
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Run the migrations up to `revision` (idempotent)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+    _upgraded.add(url)
+
+
+def current_revision(url: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with get_engine(url).connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def ensure_schema(settings: Settings) -> None:
+    """Upgrade the embedded SQLite DB on first use; a server DB must be upgraded explicitly (`orchestrator db upgrade`)."""
+    url = settings.database_url
+    if url in _upgraded:
+        return
+    if settings.is_sqlite:
+        upgrade(url)
+        return
+    if not inspect(get_engine(url)).has_table("jobs"):
+        from shared.errors import UserError
+
+        raise UserError("the results database has no tables: run `orchestrator db upgrade` first")
+    _upgraded.add(url)
+
+
+@contextmanager
+def session_scope(settings_or_url: Settings | str) -> Iterator[Session]:
+    """A session that commits on success, rolls back on error, and always closes."""
+    url = settings_or_url if isinstance(settings_or_url, str) else settings_or_url.database_url
+    get_engine(url)
+    session = _sessions[(os.getpid(), url)]()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def upsert(
+    session: Session,
+    model,
+    rows: Sequence[dict[str, Any]],
+    key: Sequence[str],
+    update: Sequence[str] | None = None,
+) -> None:
+    """INSERT ... ON CONFLICT (key) DO UPDATE/NOTHING, for SQLite and PostgreSQL alike.
+
+    This is how a redelivered shard re-records its results without duplicating rows.
+    """
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover
+        raise RuntimeError(f"upsert is not implemented for {dialect}")
+    stmt = insert(model)
+    if update:
+        stmt = stmt.on_conflict_do_update(index_elements=list(key), set_={c: stmt.excluded[c] for c in update})
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=list(key))
+    # chunk to stay under bind-parameter limits (SQLite 32k, PG 65k)
+    ncols = max(len(rows[0]), 1)
+    chunk = max(1, 30000 // ncols)
+    for i in range(0, len(rows), chunk):
+        session.execute(stmt, list(rows[i : i + chunk]))

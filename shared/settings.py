@@ -1,0 +1,78 @@
+"""Settings from the environment: one frozen object, documented where each field is defined.
+
+| variable            | default                                             |
+|---------------------|-----------------------------------------------------|
+| ORCH_HOME           | ./.orchestrator (local state of the embedded default) |
+| ORCH_BROKER_URL     | filesystem:// broker under ORCH_HOME/broker          |
+| ORCH_DATABASE_URL   | sqlite:///ORCH_HOME/orchestrator.sqlite              |
+| ORCH_STORAGE        | ORCH_HOME/artifacts (a path or file:// URI)          |
+| ORCH_LEASE_SECONDS  | 60                                                   |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from shared import constants as C
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: Folder of the embedded default's state (SQLite file, filesystem broker, artifacts).
+    home: Path
+    #: Celery broker URL; `filesystem://` means kombu's filesystem transport under `home/broker`.
+    broker_url: str
+    #: SQLAlchemy URL of the results database.
+    database_url: str
+    #: Root of artifact storage: a local or NFS path (or file:// URI) shared by all workers.
+    storage: str
+    #: Seconds a lease lives without a heartbeat.
+    lease_seconds: float = C.LEASE_SECONDS
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        home = Path(env.get("ORCH_HOME") or C.DEFAULT_HOME).expanduser().resolve()
+        broker = env.get("ORCH_BROKER_URL") or "filesystem://"
+        db = env.get("ORCH_DATABASE_URL") or f"sqlite:///{home / C.DB_FILENAME}"
+        storage = env.get("ORCH_STORAGE") or str(home / C.STORAGE_DIRNAME)
+        lease = float(env.get("ORCH_LEASE_SECONDS") or C.LEASE_SECONDS)
+        return cls(home=home, broker_url=broker, database_url=db, storage=storage, lease_seconds=lease)
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.home / C.BROKER_DIRNAME
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def ensure_local_folders(self) -> None:
+        """Create the embedded default's folders (harmless when servers are used)."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self.embedded_broker:
+            for sub in ("in", "processed", "control"):
+                (self.broker_folder / sub).mkdir(parents=True, exist_ok=True)
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for logs and `orchestrator db url`)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))

@@ -1,0 +1,70 @@
+"""The Celery application: transport only. The results DB, not Celery, records what happened.
+
+Settings and why (DESIGN.md, REFERENCE.md s.6):
+- JSON only, for messages and accepted content: a message must never be able to run code (pickle is refused).
+- acks_late + reject_on_worker_lost: a shard whose worker dies is redelivered; the DB lease makes that safe.
+- prefetch multiplier 1: a busy worker does not hoard shards (a hidden backlog starves autoscalers).
+- task events and sent events on, started tracking on: Flower sees every task by its readable name.
+- no result backend: results live in the DB; Celery results would be a second, weaker record.
+- visibility_timeout (Redis) is set long (2 h) but is not what prevents double execution: the lease is.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from shared import constants as C
+from shared.settings import Settings
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    broker_options: dict = {}
+    if settings.embedded_broker:
+        settings.ensure_local_folders()
+        folder = settings.broker_folder
+        broker_options = {
+            "data_folder_in": str(folder / "in"),
+            "data_folder_out": str(folder / "in"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+            "polling_interval": C.FILESYSTEM_POLL_SECONDS,
+        }
+    elif settings.broker_url.startswith(("redis://", "rediss://")):
+        broker_options = {"visibility_timeout": 2 * 3600}
+
+    app = Celery("orchestrator", broker=settings.broker_url, set_as_current=True)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        task_ignore_result=True,
+        broker_transport_options=broker_options,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        task_default_queue=C.QUEUE_CPU,
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in C.QUEUES],
+        task_routes={
+            C.TASK_INVERT_SHARD: {"queue": C.QUEUE_GPU},
+            C.TASK_EVAL_TRANSLATOR_SHARD: {"queue": C.QUEUE_GPU},
+            C.TASK_SAMPLE_SHARD: {"queue": C.QUEUE_GPU},
+            C.TASK_EVAL_FID: {"queue": C.QUEUE_GPU},
+            C.TASK_TRAIN_RUN: {"queue": C.QUEUE_TRAIN},
+            C.TASK_REAP: {"queue": C.QUEUE_CPU},
+        },
+        imports=("workers.tasks",),
+    )
+    return app
+
+
+app = make_app()

@@ -1,0 +1,70 @@
+"""Idempotent writes of a shard's outputs (artifacts, metrics, checkpoints), used inside the completing transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared import constants as C
+from shared.db import upsert
+from shared.models import Artifact, Metric
+from shared.storage import StoredFile
+from workers.bookkeeping import utcnow
+
+
+def record_artifact(
+    s: Session,
+    job_id: str,
+    shard_index: int | None,
+    kind: str,
+    stored: StoredFile,
+    meta: dict[str, Any] | None = None,
+) -> int:
+    """Upsert an artifact row keyed by its URI and return its id (a re-run rewrites the same row)."""
+    upsert(
+        s,
+        Artifact,
+        [
+            {
+                "job_id": job_id,
+                "shard_index": shard_index,
+                "kind": kind,
+                "uri": stored.uri,
+                "sha256": stored.sha256,
+                "bytes": stored.bytes,
+                "meta": meta,
+                "created_at": utcnow(),
+            }
+        ],
+        key=["uri"],
+        update=["sha256", "bytes", "meta", "kind", "job_id", "shard_index"],
+    )
+    return s.execute(select(Artifact.id).where(Artifact.uri == stored.uri)).scalar_one()
+
+
+def record_metrics(
+    s: Session,
+    job_id: str,
+    values: Mapping[str, float] | Iterable[tuple[str, float, int, str]],
+    shard_index: int | None = None,
+) -> None:
+    """Upsert metrics: a mapping is a job summary; tuples are (name, value, step, item)."""
+    if isinstance(values, Mapping):
+        rows = [(k, float(v), C.SUMMARY_STEP, C.NO_ITEM) for k, v in values.items()]
+    else:
+        rows = [(n, float(v), int(st), str(it)) for n, v, st, it in values]
+    now = utcnow()
+    upsert(
+        s,
+        Metric,
+        [
+            {"job_id": job_id, "name": n, "value": v, "step": st, "item": it, "shard_index": shard_index,
+             "created_at": now}
+            for n, v, st, it in rows
+        ],
+        key=["job_id", "name", "step", "item"],
+        update=["value", "shard_index"],
+    )

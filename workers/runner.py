@@ -1,0 +1,103 @@
+"""Running one shard inside a Celery task: claim, heartbeat, work, record — with the right end state for every outcome.
+
+The Celery task stays thin: it names the work function; this module owns the protocol (STYLE.md habit 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+
+from shared.errors import UserError
+from shared.settings import Settings
+from shared.storage import Storage, StorageError
+from workers import bookkeeping as bk
+
+log = logging.getLogger(__name__)
+
+#: Errors worth retrying with backoff: the DB or the broker went away for a while.
+TRANSIENT = (OperationalError, DBAPIError, ConnectionError, TimeoutError)
+
+
+@dataclass
+class ShardContext:
+    settings: Settings
+    storage: Storage
+    job_id: str
+    index: int
+    kind: str
+    spec: dict[str, Any]
+    attempt: int
+    owner: str
+    heartbeat: bk.Heartbeat
+    task: Any = None
+
+    def progress(self, done: int, total: int, **extra: Any) -> None:
+        """Report progress to the DB (with the next heartbeat) and to Flower (a custom task state)."""
+        meta = {"job_id": self.job_id, "shard": self.index, "done": done, "total": total, **extra}
+        self.heartbeat.progress(**meta)
+        if self.task is not None and getattr(self.task.request, "id", None):
+            try:
+                self.task.update_state(state="PROGRESS", meta=meta)
+            except Exception:  # no result backend: the state still travels as an event where supported
+                pass
+
+    def check(self) -> None:
+        self.heartbeat.check()
+
+
+@dataclass
+class ShardOutput:
+    record: Callable[[Session], None]
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def run_shard(
+    settings: Settings,
+    job_id: str,
+    index: int,
+    work: Callable[[ShardContext], ShardOutput],
+    task: Any = None,
+) -> dict[str, Any]:
+    task_id = getattr(getattr(task, "request", None), "id", None)
+    owner = bk.make_owner(task_id)
+    claim = bk.claim_shard(settings, job_id, index, owner)
+    if not claim.ok:
+        log.info("shard %s/%s skipped: %s", job_id, index, claim.reason)
+        return {"job_id": job_id, "shard": index, "skipped": claim.reason}
+    storage = Storage(settings.storage)
+    try:
+        with bk.Heartbeat(settings, claim.shard_id, job_id, owner) as hb:
+            ctx = ShardContext(settings, storage, job_id, index, claim.kind, claim.spec, claim.attempt, owner, hb, task)
+            out = work(ctx)
+            hb.check()
+        if not bk.complete_shard(settings, job_id, index, owner, out.record, out.result):
+            return {"job_id": job_id, "shard": index, "skipped": "lease lost before completion"}
+        return {"job_id": job_id, "shard": index, **out.result}
+    except bk.Cancelled:
+        if bk.release_cancelled(settings, job_id, index, owner):
+            from workers.dispatch import enqueue_shards
+
+            enqueue_shards(settings, job_id, [index])
+        return {"job_id": job_id, "shard": index, "cancelled": True}
+    except bk.LeaseLost as e:
+        return {"job_id": job_id, "shard": index, "skipped": str(e)}
+    except TRANSIENT as e:
+        log.warning("shard %s/%s: transient error, will retry: %s", job_id, index, e)
+        try:
+            bk.release_for_retry(settings, job_id, index, owner, f"{type(e).__name__}: {e}")
+        except Exception:
+            pass
+        raise
+    except (UserError, StorageError) as e:
+        bk.fail_shard(settings, job_id, index, owner, str(e))
+        raise
+    except Exception as e:
+        bk.fail_shard(settings, job_id, index, owner, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}")
+        raise

@@ -1,0 +1,133 @@
+"""`invert.shard`: encode a shard's M3FD pairs with the SD VAE and DDIM-invert both latents to t."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from shared import constants as C
+from shared.models import Item, Job, Shard
+from workers import bookkeeping as bk
+from workers.celery_app import app
+from workers.device import cached, pick_device, pick_dtype
+from workers.recording import record_artifact, record_metrics
+from workers.runner import TRANSIENT, ShardContext, ShardOutput, run_shard
+from workers.tasks.common import settings
+
+
+def shard_items(s: Session, job_id: str, index: int) -> list[Item]:
+    return list(
+        s.execute(select(Item).where(Item.job_id == job_id, Item.shard_index == index).order_by(Item.pair_id)).scalars()
+    )
+
+
+def load_sd_cached(model: str, device: str, precision: str):
+    from workers.ml.sd import load_sd
+
+    dtype = pick_dtype(device, precision)
+    return cached(("sd", model, device, str(dtype)), lambda: load_sd(model, device=device, dtype=dtype))
+
+
+def invert_work(ctx: ShardContext) -> ShardOutput:
+    import torch
+    from safetensors.torch import save_file
+
+    from workers.ml.inversion import InversionConfig, invert_pairs
+    from workers.ml.m3fd import Pair, load_image_pair
+
+    from shared.db import session_scope
+
+    spec = ctx.spec
+    cfg = InversionConfig(**spec["inversion"])
+    with session_scope(ctx.settings) as s:
+        items = [(it.pair_id, it.rgb_path, it.ir_path) for it in shard_items(s, ctx.job_id, ctx.index)]
+    device = pick_device(spec.get("device", "auto"))
+    parts, hit = load_sd_cached(spec["model"], device, spec.get("precision", "auto"))
+    # 'sample' latents draw noise: seeded per (job seed, shard) so a re-run writes the same bytes
+    gen = torch.Generator(device=device).manual_seed(int(spec.get("seed", 0)) * 1_000_003 + ctx.index)
+    bs = int(spec["batch_size"])
+    chunks: dict[str, list] = {}
+    t0 = time.perf_counter()
+    for start in range(0, len(items), bs):
+        ctx.check()
+        batch = items[start : start + bs]
+        loaded = [load_image_pair(Pair(pid, rgb, ir), cfg.size, cfg.resize_to) for pid, rgb, ir in batch]
+        rgb = torch.stack([x[0] for x in loaded])  # (B, 3, S, S) in [-1, 1]
+        ir = torch.stack([x[1] for x in loaded])
+        out = invert_pairs(parts, rgb, ir, cfg, generator=gen)
+        for k, v in out.items():
+            chunks.setdefault(k, []).append(v)
+        done = start + len(batch)
+        ctx.progress(done, len(items), pairs_per_s=round(done / max(time.perf_counter() - t0, 1e-9), 3))
+    tensors = {k: torch.cat(v).contiguous() for k, v in chunks.items()}
+    seconds = time.perf_counter() - t0
+    pair_ids = [pid for pid, _, _ in items]
+    meta = {"job_id": ctx.job_id, "shard": str(ctx.index), "pair_ids": json.dumps(pair_ids), "t": str(cfg.t_end)}
+    key = f"jobs/{ctx.job_id}/latents/shard-{ctx.index:05d}.safetensors"
+    stored = ctx.storage.write(key, lambda p: save_file(tensors, str(p), metadata=meta))
+
+    def record(s: Session) -> None:
+        art_id = record_artifact(
+            s, ctx.job_id, ctx.index, C.ARTIFACT_LATENTS, stored,
+            {"pairs": len(items), "keys": sorted(tensors), "shape": list(tensors["z_rgb_t"].shape[1:])},
+        )
+        for pos, pid in enumerate(pair_ids):
+            s.execute(
+                update(Item)
+                .where(Item.job_id == ctx.job_id, Item.pair_id == pid)
+                .values(artifact_id=art_id, position=pos)
+            )
+
+    result = {
+        "pairs": len(items),
+        "seconds": round(seconds, 4),
+        "pairs_per_s": round(len(items) / max(seconds, 1e-9), 3),
+        "device": device,
+        "pid": os.getpid(),
+        "model_cache_hit": hit,
+        "sha256": stored.sha256,
+    }
+    return ShardOutput(record, result)
+
+
+def finalize_invert(s: Session, job: Job) -> None:
+    n = s.execute(select(func.count()).select_from(Item).where(Item.job_id == job.id)).scalar_one()
+    n_train = s.execute(
+        select(func.count()).select_from(Item).where(Item.job_id == job.id, Item.split == "train")
+    ).scalar_one()
+    results = s.execute(select(Shard.result).where(Shard.job_id == job.id)).scalars().all()
+    busy = sum(float((r or {}).get("seconds", 0.0)) for r in results)
+    wall = (bk.utcnow() - bk.aware(job.started_at or job.created_at)).total_seconds()
+    record_metrics(
+        s,
+        job.id,
+        {
+            "pairs": n,
+            "pairs_train": n_train,
+            "pairs_test": n - n_train,
+            "shard_seconds_total": round(busy, 4),
+            "wall_seconds": round(wall, 4),
+            "pairs_per_second": round(n / max(wall, 1e-9), 4),
+        },
+    )
+
+
+bk.FINALIZERS[C.KIND_INVERT] = finalize_invert
+
+
+@app.task(
+    name=C.TASK_INVERT_SHARD,
+    bind=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=2,
+    retry_backoff_max=60,
+    retry_jitter=True,
+    max_retries=20,
+)
+def invert_shard(self, job_id: str, shard_index: int) -> dict:
+    return run_shard(settings(), job_id, shard_index, invert_work, task=self)
