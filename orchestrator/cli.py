@@ -74,6 +74,29 @@ def add_submit_parsers(sub) -> None:
     inv.add_argument("--seed", type=int, default=0, help="seed of latent sampling (seed-code preset)")
     _add_common_submit(inv)
 
+    tr = kinds.add_parser("train-translator", help="train the latent U-Net z_rgb_t -> z_ir_t with DDP")
+    tr.add_argument("--latents", required=True, help="id of a succeeded invert job")
+    tr.add_argument("--preset", choices=["readme", "seed-code"], default="readme")
+    tr.add_argument("--epochs", type=int, default=None, help="default: the preset's (25)")
+    tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--weight-decay", type=float, default=None)
+    tr.add_argument("--batch-size", type=int, default=None, help="per process")
+    tr.add_argument("--gpus", type=int, default=1, help="DDP processes (GPUs; gloo processes on CPU)")
+    tr.add_argument("--base-channels", type=int, default=None)
+    tr.add_argument("--depth", type=int, default=None, help="number of downsamples")
+    tr.add_argument("--amp", action="store_true", help="bf16/fp16 autocast on GPU")
+    tr.add_argument("--checkpoint-every", type=int, default=None, help="steps (0: epoch ends only)")
+    tr.add_argument("--max-steps", type=int, default=None)
+    tr.add_argument("--log-every", type=int, default=None)
+    tr.add_argument("--seed", type=int, default=None)
+    _add_common_submit(tr)
+
+    ev = kinds.add_parser("eval-translator", help="PSNR/SSIM of a translator checkpoint on the test pairs")
+    ev.add_argument("--checkpoint", type=int, required=True, help="checkpoint id (orchestrator results TRAIN_JOB)")
+    ev.add_argument("--shards", type=int, default=4)
+    ev.add_argument("--batch-size", type=int, default=8)
+    _add_common_submit(ev)
+
 
 # -- read side --------------------------------------------------------------------------------------------------------
 

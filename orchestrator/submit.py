@@ -47,3 +47,88 @@ def submit_invert(settings: Settings, args: Any) -> str:
     }
     lineage = [("data", spec["data"], "pairs"), ("model", args.model, "sd")]
     return jobs.submit(settings, C.KIND_INVERT, spec, args.shards, items, lineage)
+
+
+def _given(**kw: Any) -> dict[str, Any]:
+    """Only the options the user gave: the rest comes from the preset inside the training entry point."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _finished_job(settings: Settings, job_id: str, kind: str, flag: str):
+    from shared.errors import UserError
+
+    job = jobs.get_job(settings, job_id)
+    if job.kind != kind:
+        raise UserError(f"{flag} {job_id} is a {job.kind} job: give the id of a {kind} job")
+    if job.state != "succeeded":
+        raise UserError(f"{flag} {job_id} is {job.state}: wait for it to succeed (or resume it) first")
+    return job
+
+
+def submit_train_translator(settings: Settings, args: Any) -> str:
+    from sqlalchemy import func, select
+
+    from shared.db import session_scope
+    from shared.errors import UserError
+    from shared.models import Item
+
+    inv = _finished_job(settings, args.latents, C.KIND_INVERT, "--latents")
+    with session_scope(settings) as s:
+        n_train = s.execute(select(func.count()).select_from(Item)
+                            .where(Item.job_id == inv.id, Item.split == "train")).scalar_one()
+    if n_train == 0:
+        raise UserError(f"invert job {inv.id} has no train pairs: re-run it with a smaller --test-fraction")
+    for name in ("epochs", "lr", "batch_size", "gpus", "base_channels", "depth", "checkpoint_every", "max_steps"):
+        v = getattr(args, name, None)
+        if v is not None and (v < 0 or (v == 0 and name not in ("checkpoint_every",))):
+            raise UserError(f"--{name.replace('_', '-')} must be positive (got {v})")
+    model = _given(base_channels=args.base_channels, depth=args.depth)
+    spec = _given(latents=inv.id, preset=args.preset, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                  weight_decay=args.weight_decay, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                  max_steps=args.max_steps, log_every=args.log_every)
+    if model:
+        spec["model"] = model
+    spec["gpus"] = args.gpus
+    spec["amp"] = bool(args.amp)
+    spec["train_pairs"] = n_train
+    lineage = [("job", inv.id, "latents")]
+    return jobs.submit(settings, C.KIND_TRAIN_TRANSLATOR, spec, 1, (), lineage)
+
+
+def submit_eval_translator(settings: Settings, args: Any) -> str:
+    from sqlalchemy import select
+
+    from shared.db import session_scope
+    from shared.errors import UserError
+    from shared.models import Item
+    from workers.tasks.train import job_of_checkpoint
+
+    train_job, uri = job_of_checkpoint(settings, args.checkpoint)
+    if train_job.kind != C.KIND_TRAIN_TRANSLATOR:
+        raise UserError(f"checkpoint {args.checkpoint} belongs to a {train_job.kind} job: give a translator checkpoint")
+    inv = _finished_job(settings, train_job.spec["latents"], C.KIND_INVERT, "latents job")
+    with session_scope(settings) as s:
+        test = s.execute(select(Item.pair_id, Item.rgb_path, Item.ir_path)
+                         .where(Item.job_id == inv.id, Item.split == "test").order_by(Item.pair_id)).all()
+    if not test:
+        raise UserError(f"invert job {inv.id} has no test pairs: re-run it with a larger --test-fraction")
+    check_shards(args.shards, len(test), "test pairs")
+    check_positive("--batch-size", args.batch_size)
+    items = []
+    for shard, (a, b) in enumerate(plan_contiguous(len(test), args.shards)):
+        for pid, rgb, ir in test[a:b]:
+            items.append({"pair_id": pid, "split": "test", "rgb_path": rgb, "ir_path": ir, "shard_index": shard})
+    spec = {
+        "checkpoint_id": args.checkpoint,
+        "checkpoint_uri": uri,
+        "train_job": train_job.id,
+        "latents": inv.id,
+        "model": inv.spec["model"],
+        "inversion": inv.spec["inversion"],
+        "precision": inv.spec.get("precision", "auto"),
+        "batch_size": args.batch_size,
+        "test_pairs": len(test),
+    }
+    lineage = [("checkpoint", str(args.checkpoint), "translator"), ("job", train_job.id, "training"),
+               ("job", inv.id, "latents")]
+    return jobs.submit(settings, C.KIND_EVAL_TRANSLATOR, spec, args.shards, items, lineage)

@@ -59,6 +59,8 @@ class Claim:
     attempt: int = 0
     spec: dict[str, Any] = field(default_factory=dict)
     kind: str = ""
+    #: set when another owner's lease is live: seconds until it would expire
+    retry_in: float | None = None
 
 
 def claim_shard(settings: Settings, job_id: str, index: int, owner: str) -> Claim:
@@ -84,7 +86,8 @@ def claim_shard(settings: Settings, job_id: str, index: int, owner: str) -> Clai
             and expires is not None
             and expires > now
         ):
-            return Claim(False, f"leased by {shard.lease_owner} until {expires.isoformat()}")
+            return Claim(False, f"leased by {shard.lease_owner} until {expires.isoformat()}",
+                         retry_in=(expires - now).total_seconds() + 1.0)
         shard.state = ShardState.RUNNING.value
         shard.attempts += 1
         shard.lease_owner = owner

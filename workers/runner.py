@@ -25,6 +25,14 @@ log = logging.getLogger(__name__)
 TRANSIENT = (OperationalError, DBAPIError, ConnectionError, TimeoutError)
 
 
+class LeasedElsewhere(Exception):
+    """Another live owner holds the shard's lease: try again once it would have expired."""
+
+    def __init__(self, reason: str, retry_in: float):
+        super().__init__(reason)
+        self.retry_in = retry_in
+
+
 @dataclass
 class ShardContext:
     settings: Settings
@@ -68,6 +76,8 @@ def run_shard(
     task_id = getattr(getattr(task, "request", None), "id", None)
     owner = bk.make_owner(task_id)
     claim = bk.claim_shard(settings, job_id, index, owner)
+    if not claim.ok and claim.retry_in is not None:
+        raise LeasedElsewhere(claim.reason, claim.retry_in)
     if not claim.ok:
         log.info("shard %s/%s skipped: %s", job_id, index, claim.reason)
         return {"job_id": job_id, "shard": index, "skipped": claim.reason}

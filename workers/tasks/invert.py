@@ -13,11 +13,10 @@ from sqlalchemy.orm import Session
 from shared import constants as C
 from shared.models import Item, Job, Shard
 from workers import bookkeeping as bk
-from workers.celery_app import app
 from workers.device import cached, pick_device, pick_dtype
 from workers.recording import record_artifact, record_metrics
-from workers.runner import TRANSIENT, ShardContext, ShardOutput, run_shard
-from workers.tasks.common import settings
+from workers.runner import ShardContext, ShardOutput
+from workers.tasks.common import shard_task
 
 
 def shard_items(s: Session, job_id: str, index: int) -> list[Item]:
@@ -120,14 +119,4 @@ def finalize_invert(s: Session, job: Job) -> None:
 bk.FINALIZERS[C.KIND_INVERT] = finalize_invert
 
 
-@app.task(
-    name=C.TASK_INVERT_SHARD,
-    bind=True,
-    autoretry_for=TRANSIENT,
-    retry_backoff=2,
-    retry_backoff_max=60,
-    retry_jitter=True,
-    max_retries=20,
-)
-def invert_shard(self, job_id: str, shard_index: int) -> dict:
-    return run_shard(settings(), job_id, shard_index, invert_work, task=self)
+invert_shard = shard_task(C.TASK_INVERT_SHARD, invert_work)

@@ -1,0 +1,127 @@
+"""`eval_translator.shard`: PSNR/SSIM of a trained translator on a shard of the test pairs (both protocols)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from shared import constants as C
+from shared.db import session_scope
+from shared.models import Artifact, Item, Job, Metric
+from workers import bookkeeping as bk
+from workers.device import cached, pick_device
+from workers.recording import record_artifact, record_metrics
+from workers.runner import ShardContext, ShardOutput
+from workers.tasks.common import shard_task
+from workers.tasks.invert import load_sd_cached
+
+#: Pairs of shard 0 shown in the evaluation's image grid (RGB | predicted IR | real IR).
+GRID_PAIRS = 8
+METRIC_NAMES = ("psnr", "ssim", "psnr_seed_protocol", "ssim_seed_protocol", "psnr_baseline", "ssim_baseline",
+                "psnr_baseline_seed_protocol", "ssim_baseline_seed_protocol")
+
+
+def _latents(ctx: ShardContext, rows: list[tuple[str, str, str, str, int]]):
+    """Stack z_rgb_t and z_ir_t of the given (pair, rgb, ir, uri, position) rows from the invert job's files."""
+    import torch
+    from safetensors import safe_open
+
+    by_file: dict[str, dict[str, torch.Tensor]] = {}
+    z_rgb, z_ir = [], []
+    for _, _, _, uri, pos in rows:
+        if uri not in by_file:
+            with safe_open(str(ctx.storage.resolve(uri)), framework="pt") as f:
+                by_file[uri] = {k: f.get_tensor(k) for k in ("z_rgb_t", "z_ir_t")}
+        z_rgb.append(by_file[uri]["z_rgb_t"][pos])
+        z_ir.append(by_file[uri]["z_ir_t"][pos])
+    return torch.stack(z_rgb), torch.stack(z_ir)
+
+
+def eval_translator_work(ctx: ShardContext) -> ShardOutput:
+    import cv2
+    import torch
+
+    from workers.ml.inversion import InversionConfig
+    from workers.ml.m3fd import Pair, load_image_pair
+    from workers.ml.translator_eval import evaluate_batch, image_grid
+    from workers.train.translator import load_translator
+
+    spec = ctx.spec
+    cfg = InversionConfig(**spec["inversion"])
+    with session_scope(ctx.settings) as s:
+        rows = s.execute(
+            select(Item.pair_id, Item.rgb_path, Item.ir_path, Artifact.uri, Item.position)
+            .join(Artifact, Artifact.id == Item.artifact_id)
+            .where(Item.job_id == spec["latents"],
+                   Item.pair_id.in_(select(Item.pair_id).where(Item.job_id == ctx.job_id,
+                                                              Item.shard_index == ctx.index)))
+            .order_by(Item.pair_id)
+        ).all()
+    device = pick_device(spec.get("device", "auto"))
+    parts, _ = load_sd_cached(spec["model"], device, spec.get("precision", "auto"))
+    ckpt_path = str(ctx.storage.resolve(spec["checkpoint_uri"]))
+    (model, _), _ = cached(("translator", ckpt_path, device), lambda: load_translator(ckpt_path, device))
+    bs = int(spec.get("batch_size", 8))
+    per_item: list[tuple[str, float, int, str]] = []
+    grid_rows = []
+    t0 = time.perf_counter()
+    for start in range(0, len(rows), bs):
+        ctx.check()
+        batch = rows[start : start + bs]
+        z_rgb, z_ir = _latents(ctx, batch)
+        loaded = [load_image_pair(Pair(p, rgb, ir), cfg.size, cfg.resize_to) for p, rgb, ir, _, _ in batch]
+        ir01 = torch.stack([x[2] for x in loaded])
+        out = evaluate_batch(parts, lambda z: model(z), z_rgb, z_ir, ir01, cfg)
+        for j, (pid, *_rest) in enumerate(batch):
+            for name in METRIC_NAMES:
+                per_item.append((name, float(out[name][j]), C.SUMMARY_STEP, pid))
+        if ctx.index == 0 and len(grid_rows) < GRID_PAIRS:
+            for j in range(min(len(batch), GRID_PAIRS - len(grid_rows))):
+                rgb01 = (loaded[j][0] + 1) / 2
+                pred = out["pred_images"][j]
+                real = torch.nn.functional.interpolate(ir01[j : j + 1], size=pred.shape[-2:], mode="bilinear")[0]
+                rgb01 = torch.nn.functional.interpolate(rgb01[None], size=pred.shape[-2:], mode="bilinear")[0]
+                grid_rows += [rgb01.clamp(0, 1), pred, real.clamp(0, 1)]
+        ctx.progress(start + len(batch), len(rows))
+    grid = None
+    if grid_rows:
+        img = image_grid(grid_rows, ncols=3)  # (H, W, 3) uint8 RGB
+        key = f"jobs/{ctx.job_id}/grid-rgb-pred-ir.png"
+        grid = ctx.storage.write(key, lambda p: _write_png(cv2, p, img))
+
+    def record(s: Session) -> None:
+        record_metrics(s, ctx.job_id, per_item, ctx.index)
+        if grid is not None:
+            record_artifact(s, ctx.job_id, ctx.index, C.ARTIFACT_IMAGE, grid,
+                            {"what": "RGB | predicted IR | real IR", "pairs": len(grid_rows) // 3})
+
+    return ShardOutput(record, {"pairs": len(rows), "seconds": round(time.perf_counter() - t0, 3),
+                                "pid": os.getpid(), "device": device})
+
+
+def _write_png(cv2, path, rgb: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    path.write_bytes(buf.tobytes())
+
+
+def finalize_eval_translator(s: Session, job: Job) -> None:
+    """Summary = mean over test pairs of each per-image metric (per image, then averaged: REFERENCE s.5)."""
+    rows = s.execute(
+        select(Metric.name, func.avg(Metric.value), func.count())
+        .where(Metric.job_id == job.id, Metric.item != C.NO_ITEM)
+        .group_by(Metric.name)
+    ).all()
+    values = {name: float(avg) for name, avg, _ in rows}
+    if rows:
+        values["pairs"] = float(rows[0][2])
+    record_metrics(s, job.id, values)
+
+
+bk.FINALIZERS[C.KIND_EVAL_TRANSLATOR] = finalize_eval_translator
+eval_translator_shard = shard_task(C.TASK_EVAL_TRANSLATOR_SHARD, eval_translator_work)

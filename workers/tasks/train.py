@@ -1,0 +1,178 @@
+"""`train.run`: one DDP training run (translator, NCSN or classifier) as a long-running, lease-guarded task.
+
+The job has one shard; its lease is the run's lease. The task builds the run's config from the DB (data rows,
+latest recorded checkpoint), starts torchrun under `workers.supervisor`, records progress, metrics and checkpoints as
+they appear, forwards cancel as SIGTERM, and resumes from the latest recorded checkpoint when delivered again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared import constants as C
+from shared.db import session_scope, upsert
+from shared.models import Artifact, Checkpoint, Item, Job
+from shared.settings import Settings
+from shared.storage import Storage
+from workers import bookkeeping as bk
+from workers.recording import record_artifact, record_metrics
+from workers.runner import ShardContext, ShardOutput
+from workers.supervisor import supervise, torchrun_command
+from workers.tasks.common import shard_task
+
+ENTRY_POINTS = {
+    C.KIND_TRAIN_TRANSLATOR: "workers.train.translator",
+    C.KIND_TRAIN_NCSN: "workers.train.ncsn",
+    C.KIND_TRAIN_CLASSIFIER: "workers.train.classifier",
+}
+
+#: Spec keys copied into the torchrun config unchanged.
+PASSTHROUGH = ("epochs", "lr", "batch_size", "weight_decay", "seed", "amp", "checkpoint_every", "max_steps",
+               "log_every", "preset", "model", "data", "fault", "grad_clip")
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+def latest_checkpoint(s: Session, job_id: str) -> tuple[int, str] | None:
+    row = s.execute(
+        select(Checkpoint.step, Artifact.uri)
+        .join(Artifact, Artifact.id == Checkpoint.artifact_id)
+        .where(Checkpoint.job_id == job_id)
+        .order_by(Checkpoint.step.desc())
+        .limit(1)
+    ).first()
+    return (row[0], row[1]) if row else None
+
+
+def translator_data(s: Session, storage: Storage, invert_job: str) -> dict[str, Any]:
+    """The train rows of an invert job: {"files": [shard file paths], "rows": [[file_idx, position], ...]}."""
+    rows = s.execute(
+        select(Item.position, Artifact.uri)
+        .join(Artifact, Artifact.id == Item.artifact_id)
+        .where(Item.job_id == invert_job, Item.split == "train")
+        .order_by(Item.pair_id)
+    ).all()
+    files: list[str] = []
+    index: dict[str, int] = {}
+    out_rows = []
+    for pos, uri in rows:
+        if uri not in index:
+            index[uri] = len(files)
+            files.append(str(storage.resolve(uri)))
+        out_rows.append([index[uri], pos])
+    return {"files": files, "rows": out_rows}
+
+
+def build_config(ctx: ShardContext, run_dir: Path, attempt_events: Path) -> dict[str, Any]:
+    spec = ctx.spec
+    cfg: dict[str, Any] = {k: spec[k] for k in PASSTHROUGH if k in spec}
+    cfg.update({"run_dir": str(run_dir), "events": str(attempt_events), "device": spec.get("device", "auto")})
+    with session_scope(ctx.settings) as s:
+        if ctx.kind == C.KIND_TRAIN_TRANSLATOR:
+            cfg["data"] = translator_data(s, ctx.storage, spec["latents"])
+        latest = latest_checkpoint(s, ctx.job_id)
+    cfg["resume_from"] = str(ctx.storage.resolve(latest[1])) if latest else None
+    return cfg
+
+
+def record_checkpoint(settings: Settings, storage: Storage, job_id: str, owner: str, ev: dict[str, Any]) -> None:
+    stored = storage.adopt(ev["path"])
+    if ev.get("sha256") and ev["sha256"] != stored.sha256:
+        raise TrainingFailed(f"checkpoint {ev['path']} changed after it was written (sha256 mismatch)")
+    with session_scope(settings) as s:
+        art = record_artifact(s, job_id, 0, C.ARTIFACT_CHECKPOINT, stored,
+                              {"step": ev["step"], "epoch": ev["epoch"], "reason": ev.get("reason")})
+        upsert(s, Checkpoint, [{"job_id": job_id, "artifact_id": art, "step": int(ev["step"]),
+                                "epoch": int(ev["epoch"]), "reason": ev.get("reason", "interval"),
+                                "created_at": bk.utcnow()}],
+               key=["job_id", "step"], update=["artifact_id", "epoch", "reason"])
+
+
+def train_work(ctx: ShardContext) -> ShardOutput:
+    run_dir = ctx.storage.path(f"jobs/{ctx.job_id}/run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    events = run_dir / f"events-attempt{ctx.attempt:03d}.jsonl"
+    cfg = build_config(ctx, run_dir, events)
+    config_path = run_dir / f"config-attempt{ctx.attempt:03d}.json"
+    config_path.write_text(json.dumps(cfg, indent=2))
+    nproc = int(ctx.spec.get("gpus", 1))
+    available = os.environ.get("ORCH_TRAIN_GPUS")
+    if available:
+        nproc = min(nproc, int(available))
+    cmd = torchrun_command(ENTRY_POINTS[ctx.kind], config_path, nproc)
+    summary: dict[str, Any] = {}
+    last: dict[str, Any] = {}
+
+    def on_event(ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        if kind == "progress":
+            last.update(ev)
+            ctx.progress(int(ev["step"]), int(ev.get("total_steps") or 0), epoch=ev.get("epoch"),
+                         loss=ev.get("loss"), samples_per_s=ev.get("samples_per_s"))
+            with session_scope(ctx.settings) as s:
+                record_metrics(s, ctx.job_id, [("loss", ev["loss"], int(ev["step"]), C.NO_ITEM)], 0)
+        elif kind == "metric":
+            with session_scope(ctx.settings) as s:
+                record_metrics(s, ctx.job_id, [(ev["name"], ev["value"], int(ev["step"]), C.NO_ITEM)], 0)
+        elif kind == "checkpoint":
+            record_checkpoint(ctx.settings, ctx.storage, ctx.job_id, ctx.owner, ev)
+        elif kind == "done":
+            summary.update(ev.get("metrics") or {})
+        elif kind == "start":
+            ctx.progress(int(ev.get("step", 0)), int(ev.get("total_steps") or 0), epoch=ev.get("epoch"),
+                         resumed_from=ev.get("resumed_from"), world_size=ev.get("world_size"))
+
+    hb = ctx.heartbeat
+    outcome = supervise(cmd, events, run_dir / "torchrun.log", on_event,
+                        should_stop=lambda: hb.cancelled.is_set() or hb.lost.is_set(),
+                        env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if hb.lost.is_set():
+        raise bk.LeaseLost(f"training run {ctx.job_id} lost its lease")
+    if outcome.stopped or hb.cancelled.is_set():
+        raise bk.Cancelled(ctx.job_id)
+    if outcome.returncode != 0 or outcome.done is None:
+        lines = [ln for ln in outcome.log_tail.splitlines() if ln.strip()]
+        err = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+        raise TrainingFailed(f"torchrun exited with {outcome.returncode}: {err.strip()}\n{outcome.log_tail[-2000:]}")
+
+    def record(s: Session) -> None:
+        values = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+        values["steps"] = float(outcome.done.get("step", 0))
+        values["world_size"] = float(nproc)
+        latest = latest_checkpoint(s, ctx.job_id)
+        if latest:
+            cid = s.execute(select(Checkpoint.id).where(Checkpoint.job_id == ctx.job_id,
+                                                        Checkpoint.step == latest[0])).scalar_one()
+            values["final_checkpoint_id"] = float(cid)
+        record_metrics(s, ctx.job_id, values)
+
+    return ShardOutput(record, {"steps": outcome.done.get("step"), "world_size": nproc,
+                                "loss": last.get("loss"), "attempt": ctx.attempt})
+
+
+train_run = shard_task(C.TASK_TRAIN_RUN, train_work)
+
+
+def job_of_checkpoint(settings: Settings, checkpoint_id: int) -> tuple[Job, str]:
+    """(training job, checkpoint file URI) of a checkpoint id."""
+    with session_scope(settings) as s:
+        row = s.execute(
+            select(Job, Artifact.uri)
+            .join(Checkpoint, Checkpoint.job_id == Job.id)
+            .join(Artifact, Artifact.id == Checkpoint.artifact_id)
+            .where(Checkpoint.id == checkpoint_id)
+        ).first()
+        if row is None:
+            from shared.errors import UserError
+
+            raise UserError(f"no checkpoint {checkpoint_id}: list them with `orchestrator results TRAIN_JOB`")
+        s.expunge(row[0])
+        return row[0], row[1]
