@@ -97,6 +97,55 @@ def add_submit_parsers(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=8)
     _add_common_submit(ev)
 
+    nc = kinds.add_parser("train-ncsn", help="train a noise conditional score network on MNIST with DDP")
+    nc.add_argument("--data", default="mnist:embedded", help="mnist:embedded or a folder of MNIST IDX files")
+    nc.add_argument("--preset", choices=["ncsn", "seed-code"], default="ncsn")
+    nc.add_argument("--epochs", type=int, default=None)
+    nc.add_argument("--batch-size", type=int, default=None)
+    nc.add_argument("--lr", type=float, default=None)
+    nc.add_argument("--gpus", type=int, default=1)
+    nc.add_argument("--base-channels", type=int, default=None)
+    nc.add_argument("--max-train-samples", type=int, default=None)
+    nc.add_argument("--steps-each", type=int, default=None, help="Langevin steps per noise level when sampling")
+    nc.add_argument("--amp", action="store_true")
+    nc.add_argument("--checkpoint-every", type=int, default=None)
+    nc.add_argument("--max-steps", type=int, default=None)
+    nc.add_argument("--log-every", type=int, default=None)
+    nc.add_argument("--seed", type=int, default=None)
+    _add_common_submit(nc)
+
+    cl = kinds.add_parser("train-classifier", help="train the MNIST classifier used as an offline feature extractor")
+    cl.add_argument("--data", default="mnist:embedded")
+    cl.add_argument("--epochs", type=int, default=None)
+    cl.add_argument("--batch-size", type=int, default=None)
+    cl.add_argument("--lr", type=float, default=None)
+    cl.add_argument("--gpus", type=int, default=1)
+    cl.add_argument("--max-train-samples", type=int, default=None)
+    cl.add_argument("--log-every", type=int, default=None)
+    cl.add_argument("--seed", type=int, default=None)
+    _add_common_submit(cl)
+
+    sa = kinds.add_parser("sample", help="annealed Langevin sampling from an NCSN checkpoint, sharded")
+    sa.add_argument("--checkpoint", type=int, required=True)
+    sa.add_argument("--n", type=int, default=10000)
+    sa.add_argument("--shards", type=int, default=8)
+    sa.add_argument("--batch-size", type=int, default=1000)
+    sa.add_argument("--steps-each", type=int, default=None, help="default: the checkpoint's preset (100)")
+    sa.add_argument("--seed", type=int, default=0)
+    _add_common_submit(sa)
+
+    fd = kinds.add_parser("eval-fid", help="FID and IS of a sample job against reference digits")
+    fd.add_argument("--samples", required=True, help="id of a succeeded sample job")
+    fd.add_argument("--reference", default="mnist:embedded")
+    fd.add_argument("--reference-split", choices=["train", "test"], default="test")
+    fd.add_argument("--n-real", type=int, default=None, help="use the first N reference digits")
+    fd.add_argument("--features", choices=["inception", "mnist-classifier"], default="mnist-classifier")
+    fd.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05 weights file")
+    fd.add_argument("--classifier", type=int, default=None, help="checkpoint id of a train-classifier job")
+    fd.add_argument("--is-splits", type=int, default=10)
+    fd.add_argument("--seed", type=int, default=0)
+    _add_common_submit(fd)
+
 
 # -- read side --------------------------------------------------------------------------------------------------------
 
@@ -192,6 +241,16 @@ def cmd_retry(args, settings: Settings) -> int:
     return C.EXIT_OK
 
 
+def cmd_reap(args, settings: Settings) -> int:
+    from shared.db import ensure_schema
+    from workers.reaper import reap
+
+    ensure_schema(settings)
+    reaped = reap(settings, stale_queued_seconds=args.stale_after)
+    _print(f"re-enqueued {len(reaped)} shard(s)")
+    return C.EXIT_OK
+
+
 def cmd_db(args, settings: Settings) -> int:
     from shared import db
 
@@ -270,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("job")
     s.add_argument("--failed", action="store_true")
 
+    s = sub.add_parser("reap", help="re-enqueue shards with expired leases and jobs orphaned before publishing")
+    s.add_argument("--stale-after", type=float, default=30.0, help="seconds a job may stay queued unpublished")
+
     s = sub.add_parser("db", help="database: run migrations, or print the (masked) URL")
     s.add_argument("action", choices=["upgrade", "url"])
 
@@ -307,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "submit": cmd_submit, "status": cmd_status, "jobs": cmd_jobs, "results": cmd_results, "metrics": cmd_metrics,
-    "cancel": cmd_cancel, "resume": cmd_resume, "retry": cmd_retry, "db": cmd_db, "fixtures": cmd_fixtures,
+    "cancel": cmd_cancel, "reap": cmd_reap, "resume": cmd_resume, "retry": cmd_retry, "db": cmd_db, "fixtures": cmd_fixtures,
     "worker": cmd_worker, "demo": cmd_demo,
 }
 

@@ -128,16 +128,22 @@ def results(settings: Settings, job_id: str, limit: int | None = None, offset: i
         ]
 
 
-def summary_metrics(settings: Settings, job_id: str) -> dict[str, float]:
+def summary_metrics(settings: Settings, job_id: str) -> dict[str, Any]:
+    """Flat {name: value} of the job's summary metrics. FID/IS also name their feature extractor, because FIDs
+    from different extractors are not comparable."""
     ensure_schema(settings)
     with session_scope(settings) as s:
-        _job_or_error(s, job_id)
+        job = _job_or_error(s, job_id)
         rows = s.execute(
             select(Metric.name, Metric.value)
             .where(Metric.job_id == job_id, Metric.step == C.SUMMARY_STEP, Metric.item == C.NO_ITEM)
             .order_by(Metric.name)
         ).all()
-    return {n: v for n, v in rows}
+        out: dict[str, Any] = {n: v for n, v in rows}
+        if job.kind == C.KIND_EVAL_FID and out:
+            result = s.execute(select(Shard.result).where(Shard.job_id == job_id, Shard.index == 0)).scalar_one()
+            out["feature_extractor"] = (result or {}).get("feature_extractor", job.spec.get("feature_extractor"))
+    return out
 
 
 def metric_history(settings: Settings, job_id: str, name: str) -> list[tuple[int, float]]:

@@ -132,3 +132,87 @@ def submit_eval_translator(settings: Settings, args: Any) -> str:
     lineage = [("checkpoint", str(args.checkpoint), "translator"), ("job", train_job.id, "training"),
                ("job", inv.id, "latents")]
     return jobs.submit(settings, C.KIND_EVAL_TRANSLATOR, spec, args.shards, items, lineage)
+
+
+def _check_mnist(source: str) -> str:
+    from workers.ml.mnist import EMBEDDED, check_source
+
+    if source != EMBEDDED:
+        source = str(Path(source).expanduser().resolve())
+    check_source(source)
+    return source
+
+
+def submit_train_ncsn(settings: Settings, args: Any) -> str:
+    from workers.ml.score import get_preset
+
+    data = _check_mnist(args.data)
+    get_preset(args.preset)  # UserError for an unknown preset
+    for name in ("epochs", "batch_size", "lr", "gpus", "base_channels", "max_steps", "max_train_samples"):
+        check_positive("--" + name.replace("_", "-"), getattr(args, name, None))
+    spec = _given(data=data, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                  seed=args.seed, checkpoint_every=args.checkpoint_every, max_steps=args.max_steps,
+                  base_channels=args.base_channels, max_train_samples=args.max_train_samples,
+                  n_steps_each=args.steps_each, log_every=args.log_every)
+    spec["gpus"] = args.gpus
+    spec["amp"] = bool(args.amp)
+    return jobs.submit(settings, C.KIND_TRAIN_NCSN, spec, 1, (), [("data", data, "train")])
+
+
+def submit_train_classifier(settings: Settings, args: Any) -> str:
+    data = _check_mnist(args.data)
+    for name in ("epochs", "batch_size", "lr", "gpus", "max_train_samples"):
+        check_positive("--" + name.replace("_", "-"), getattr(args, name, None))
+    spec = _given(data=data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                  max_train_samples=args.max_train_samples, log_every=args.log_every)
+    spec["gpus"] = args.gpus
+    return jobs.submit(settings, C.KIND_TRAIN_CLASSIFIER, spec, 1, (), [("data", data, "train")])
+
+
+def submit_sample(settings: Settings, args: Any) -> str:
+    from shared.errors import UserError
+    from workers.tasks.train import job_of_checkpoint
+
+    train_job, uri = job_of_checkpoint(settings, args.checkpoint)
+    if train_job.kind != C.KIND_TRAIN_NCSN:
+        raise UserError(f"checkpoint {args.checkpoint} belongs to a {train_job.kind} job: give an NCSN checkpoint")
+    check_positive("--n", args.n)
+    check_shards(args.shards, args.n, "samples")
+    check_positive("--batch-size", args.batch_size)
+    check_positive("--steps-each", args.steps_each)
+    spec = _given(checkpoint_id=args.checkpoint, checkpoint_uri=uri, train_job=train_job.id, n=args.n,
+                  shards=args.shards, seed=args.seed, batch_size=args.batch_size, n_steps_each=args.steps_each)
+    lineage = [("checkpoint", str(args.checkpoint), "score-model"), ("job", train_job.id, "training")]
+    return jobs.submit(settings, C.KIND_SAMPLE, spec, args.shards, (), lineage)
+
+
+def submit_eval_fid(settings: Settings, args: Any) -> str:
+    from shared.errors import UserError
+    from workers.tasks.train import job_of_checkpoint
+
+    samples = _finished_job(settings, args.samples, C.KIND_SAMPLE, "--samples")
+    reference = _check_mnist(args.reference)
+    spec: dict[str, Any] = {"samples": samples.id, "reference": reference, "reference_split": args.reference_split,
+                            "features": args.features, "is_splits": args.is_splits, "seed": args.seed,
+                            "n_fake": samples.spec["n"]}
+    if args.n_real:
+        spec["n_real"] = args.n_real
+    if args.is_splits < 1 or args.is_splits > samples.spec["n"]:
+        raise UserError(f"--is-splits must be between 1 and the {samples.spec['n']} samples (got {args.is_splits})")
+    lineage = [("job", samples.id, "samples"), ("data", reference, "reference")]
+    if args.features == "inception":
+        from workers.ml.fid import resolve_inception_weights
+
+        spec["inception_weights"] = str(resolve_inception_weights(args.inception_weights))
+        spec["feature_extractor"] = "inception-v3-2048"
+        lineage.append(("model", spec["inception_weights"], "features"))
+    else:
+        if args.classifier is None:
+            raise UserError("--features mnist-classifier needs --classifier CKPT_ID (from a train-classifier job)")
+        job, uri = job_of_checkpoint(settings, args.classifier)
+        if job.kind != C.KIND_TRAIN_CLASSIFIER:
+            raise UserError(f"checkpoint {args.classifier} belongs to a {job.kind} job: give a classifier checkpoint")
+        spec["classifier_uri"] = uri
+        spec["feature_extractor"] = f"mnist-classifier (checkpoint {args.classifier})"
+        lineage.append(("checkpoint", str(args.classifier), "features"))
+    return jobs.submit(settings, C.KIND_EVAL_FID, spec, 1, (), lineage)

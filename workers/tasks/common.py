@@ -35,3 +35,18 @@ def shard_task(name: str, work: Callable[[ShardContext], ShardOutput]):
             raise self.retry(countdown=e.retry_in, max_retries=None) from None
 
     return task
+
+
+def _on_worker_ready(sender=None, **_kw) -> None:
+    """Every worker's main process also reaps expired leases and orphaned jobs (ORCH_REAPER=0 turns it off)."""
+    import os
+
+    if os.environ.get("ORCH_REAPER", "1") != "0":
+        from workers.reaper import start_reaper_thread
+
+        start_reaper_thread(settings())
+
+
+from celery.signals import worker_ready  # noqa: E402
+
+worker_ready.connect(_on_worker_ready, weak=False)

@@ -124,6 +124,11 @@ def train_work(ctx: ShardContext) -> ShardOutput:
                 record_metrics(s, ctx.job_id, [(ev["name"], ev["value"], int(ev["step"]), C.NO_ITEM)], 0)
         elif kind == "checkpoint":
             record_checkpoint(ctx.settings, ctx.storage, ctx.job_id, ctx.owner, ev)
+        elif kind == "artifact":
+            stored = ctx.storage.adopt(ev["path"])
+            with session_scope(ctx.settings) as s:
+                record_artifact(s, ctx.job_id, 0, str(ev.get("kind", "file")), stored,
+                                {k: v for k, v in ev.items() if k not in ("event", "path", "sha256", "bytes")})
         elif kind == "done":
             summary.update(ev.get("metrics") or {})
         elif kind == "start":

@@ -1,0 +1,82 @@
+"""The reaper: finds work that nobody will finish and publishes it again.
+
+- a shard whose lease expired (its worker died: kill -9, node loss, OOM) goes back to pending and is re-enqueued;
+  a training run then resumes from its latest recorded checkpoint;
+- a job left `queued` with pending shards (the orchestrator died between creating the rows and publishing) gets its
+  shards published.
+Every change is a conditional UPDATE, so several reapers (one per worker node) never enqueue the same shard twice.
+Runs as `orchestrator reap` and as a background thread in every worker's main process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from sqlalchemy import and_, select, update
+
+from shared.db import session_scope
+from shared.models import Job, Shard
+from shared.settings import Settings
+from shared.status import JobState, ShardState
+from workers.bookkeeping import utcnow
+from workers.dispatch import enqueue_shards
+
+log = logging.getLogger(__name__)
+
+#: A job still `queued` this many seconds after creation is taken as orphaned by a crashed submitter.
+STALE_QUEUED_SECONDS = 30.0
+
+
+def reap(settings: Settings, stale_queued_seconds: float = STALE_QUEUED_SECONDS) -> list[tuple[str, int]]:
+    now = utcnow()
+    reaped: list[tuple[str, int]] = []
+    with session_scope(settings) as s:
+        expired = s.execute(
+            select(Shard.id, Shard.job_id, Shard.index)
+            .join(Job, Job.id == Shard.job_id)
+            .where(Shard.state == ShardState.RUNNING, Shard.lease_expires_at < now,
+                   Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+        ).all()
+    for shard_id, job_id, index in expired:
+        with session_scope(settings) as s:
+            res = s.execute(
+                update(Shard)
+                .where(Shard.id == shard_id, Shard.state == ShardState.RUNNING, Shard.lease_expires_at < now)
+                .values(state=ShardState.PENDING.value, lease_owner=None, lease_expires_at=None)
+            )
+        if res.rowcount == 1:
+            enqueue_shards(settings, job_id, [index])
+            reaped.append((job_id, index))
+    with session_scope(settings) as s:
+        orphans = s.execute(
+            select(Job.id).where(
+                Job.state == JobState.QUEUED,
+                Job.created_at < now - timedelta(seconds=stale_queued_seconds),
+                select(Shard.id).where(and_(Shard.job_id == Job.id, Shard.state == ShardState.PENDING)).exists(),
+            )
+        ).scalars().all()
+    for job_id in orphans:
+        n = enqueue_shards(settings, job_id)
+        reaped += [(job_id, -1)] * n
+    if reaped:
+        log.warning("reaper re-enqueued %d shard(s): %s", len(reaped), reaped[:10])
+    return reaped
+
+
+def start_reaper_thread(settings: Settings, interval: float | None = None) -> threading.Thread:
+    interval = interval or max(1.0, settings.lease_seconds / 2)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            try:
+                reap(settings)
+            except Exception as e:  # the DB may be away for a while: try again next round
+                log.warning("reaper: %s", e)
+
+    t = threading.Thread(target=loop, name="reaper", daemon=True)
+    t.stop = stop  # type: ignore[attr-defined]
+    t.start()
+    return t
