@@ -51,9 +51,9 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, 
         keep = w - 1
         return s[: keep // 2] + "~" + s[len(s) - (keep - keep // 2):]
 
-    lines = ["  ".join(cut(c, w) for c, w in zip(columns, widths)).rstrip()]
+    lines = ["  ".join(cut(c, w) for c, w in zip(columns, widths, strict=False)).rstrip()]
     for row in cells:
-        lines.append("  ".join(cut(x, w) for x, w in zip(row, widths)).rstrip())
+        lines.append("  ".join(cut(x, w) for x, w in zip(row, widths, strict=False)).rstrip())
     return "\n".join(lines)
 
 

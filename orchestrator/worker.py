@@ -22,6 +22,9 @@ def parse_gpus(gpus: str | None) -> list[str] | None:
     if not gpus:
         return None
     if gpus == "all":
+        inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if inherited:  # Slurm/containers already restrict us: never reach outside the allocation
+            return [g.strip() for g in inherited.split(",") if g.strip()]
         try:
             out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
                                  text=True, check=True, timeout=30).stdout
@@ -29,7 +32,7 @@ def parse_gpus(gpus: str | None) -> list[str] | None:
             raise UserError("--gpus all needs nvidia-smi to list the GPUs: give the indices instead, e.g. --gpus 0,1") from e
         return [line.strip() for line in out.splitlines() if line.strip()]
     ids = [g.strip() for g in gpus.split(",") if g.strip()]
-    if not ids or not all(g.isdigit() for g in ids):
+    if not ids or not all(g.isdigit() or g.startswith(("GPU-", "MIG-")) for g in ids):
         raise UserError(f"--gpus '{gpus}' is not a list of GPU indices: use e.g. --gpus 0,1 or --gpus all")
     return ids
 
@@ -93,7 +96,7 @@ def run_workers(
 
 
 def _supervise(argvs: Sequence[list[str]], envs: Sequence[dict[str, str]]) -> int:
-    procs = [subprocess.Popen(a, env={**os.environ, **e}) for a, e in zip(argvs, envs)]
+    procs = [subprocess.Popen(a, env={**os.environ, **e}) for a, e in zip(argvs, envs, strict=False)]
 
     def forward(signum, _frame):
         for p in procs:

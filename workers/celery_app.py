@@ -68,3 +68,46 @@ def make_app(settings: Settings | None = None) -> Celery:
 
 
 app = make_app()
+
+
+#: Seconds between touches of ORCH_HEARTBEAT_FILE (deploy/ health checks allow 2 min for readiness, 5 for liveness).
+HEARTBEAT_FILE_SECONDS = 30.0
+
+
+def _install_heartbeat_step(app: Celery) -> None:
+    """A worker bootstep: the main process touches ORCH_HEARTBEAT_FILE from its event loop.
+
+    Container health checks read the file's age instead of calling `celery inspect ping`: a probe must not start a
+    Python process that imports torch every period, and a broker outage must not make every busy GPU pod fail its
+    liveness probe and be restarted mid-shard. With the prefork pool a long task never blocks this loop.
+    """
+    import os
+    import pathlib
+
+    from celery import bootsteps
+
+    class _Step(bootsteps.StartStopStep):
+        requires = {"celery.worker.components:Timer"}
+
+        def __init__(self, worker, **kwargs):
+            self.path = os.environ.get("ORCH_HEARTBEAT_FILE")
+            self.tref = None
+
+        def _touch(self):
+            p = pathlib.Path(self.path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.touch()
+
+        def start(self, worker):
+            if self.path:
+                self._touch()
+                self.tref = worker.timer.call_repeatedly(HEARTBEAT_FILE_SECONDS, self._touch)
+
+        def stop(self, worker):
+            if self.tref is not None:
+                self.tref.cancel()
+
+    app.steps["worker"].add(_Step)
+
+
+_install_heartbeat_step(app)

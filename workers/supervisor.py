@@ -82,7 +82,10 @@ def supervise(
     done: dict[str, Any] | None = None
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent, env={**os.environ, **(env or {})})
+                                preexec_fn=_die_with_parent,
+                                # torchrun waits this long for ranks to finish their signal checkpoint
+                                env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(TERM_GRACE_SECONDS)),
+                                     **os.environ, **(env or {})})
         term_sent_at: float | None = None
         try:
             while True:

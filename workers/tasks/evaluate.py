@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import func, select
@@ -73,7 +74,7 @@ def eval_translator_work(ctx: ShardContext) -> ShardOutput:
         ctx.check()
         batch = rows[start : start + bs]
         z_rgb, z_ir = _latents(ctx, batch)
-        loaded = [load_image_pair(Pair(p, rgb, ir), cfg.size, cfg.resize_to) for p, rgb, ir, _, _ in batch]
+        loaded = [load_image_pair(Pair(p, Path(rgb), Path(ir)), cfg.size, cfg.resize_to) for p, rgb, ir, _, _ in batch]
         ir01 = torch.stack([x[2] for x in loaded])
         out = evaluate_batch(parts, lambda z: model(z), z_rgb, z_ir, ir01, cfg)
         for j, (pid, *_rest) in enumerate(batch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict
+from pathlib import Path
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -36,10 +36,9 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
     import torch
     from safetensors.torch import save_file
 
+    from shared.db import session_scope
     from workers.ml.inversion import InversionConfig, invert_pairs
     from workers.ml.m3fd import Pair, load_image_pair
-
-    from shared.db import session_scope
 
     spec = ctx.spec
     cfg = InversionConfig(**spec["inversion"])
@@ -55,7 +54,7 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
     for start in range(0, len(items), bs):
         ctx.check()
         batch = items[start : start + bs]
-        loaded = [load_image_pair(Pair(pid, rgb, ir), cfg.size, cfg.resize_to) for pid, rgb, ir in batch]
+        loaded = [load_image_pair(Pair(pid, Path(rgb), Path(ir)), cfg.size, cfg.resize_to) for pid, rgb, ir in batch]
         rgb = torch.stack([x[0] for x in loaded])  # (B, 3, S, S) in [-1, 1]
         ir = torch.stack([x[1] for x in loaded])
         out = invert_pairs(parts, rgb, ir, cfg, generator=gen)

@@ -34,7 +34,8 @@ ENTRY_POINTS = {
 
 #: Spec keys copied into the torchrun config unchanged.
 PASSTHROUGH = ("epochs", "lr", "batch_size", "weight_decay", "seed", "amp", "checkpoint_every", "max_steps",
-               "log_every", "preset", "model", "data", "fault", "grad_clip")
+               "log_every", "preset", "model", "data", "fault", "grad_clip", "amp_dtype", "base_channels",
+               "max_train_samples", "max_test_samples", "sigma_kind", "num_levels")
 
 
 class TrainingFailed(RuntimeError):

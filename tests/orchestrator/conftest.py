@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from orchestrator import jobs
+from orchestrator import submit as submit_mod
+from tests.conftest import embedded_settings
+
+
+def invert_args(data: Path, model: Path, shards: int = 4, **kw) -> argparse.Namespace:
+    base = dict(data=str(data), model=str(model), shards=shards, t=None, steps=None, size=64, batch_size=8,
+                preset="readme", split_seed=42, test_fraction=0.2, precision="auto", seed=0)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def run_invert_inline(settings, data: Path, model: Path, shards: int = 4, **kw) -> str:
+    """A finished invert job, computed in this process (the test is the worker): fast set-up for later stages."""
+    from workers.runner import run_shard
+    from workers.tasks.invert import invert_work
+
+    orig = submit_mod.jobs.submit
+    submit_mod.jobs.submit = lambda st, kind, spec, n, items=(), lineage=(): jobs.create_job(
+        st, kind, spec, n, items, lineage)
+    try:
+        job_id = submit_mod.submit_invert(settings, invert_args(data, model, shards, **kw))
+    finally:
+        submit_mod.jobs.submit = orig
+    for i in range(shards):
+        run_shard(settings, job_id, i, invert_work)
+    assert jobs.get_job(settings, job_id).state == "succeeded"
+    return job_id
+
+
+@pytest.fixture
+def fast_lease(tmp_path):
+    """Embedded settings with a 4 s lease, so worker loss is detected quickly."""
+    s = embedded_settings(tmp_path / "orch", lease_seconds=4.0)
+    s.ensure_local_folders()
+    return s

@@ -1,0 +1,349 @@
+"""M3FD visible/infrared pairs: discovery, validation, the seeded train/test split, loading, synthetic data.
+
+Layouts (REFERENCE.md s.2, TarDAL's README):
+
+- flat ``M3FD_Detection``: ``root/Vis/00000.png``, ``root/Ir/00000.png`` (same names), optional ``root/Annotation``;
+  the pair id is the file stem (``"00000"``).
+- scene tree: ``root/<group>/<scene>/{Vis,Ir}`` with groups such as Challenge, Daytime, Night, Overcast (any group
+  name is accepted); the pair id is ``"<group>/<scene>/<stem>"``.
+
+Folder names match case-insensitively (``vis``/``VIS``); images may be .png, .jpg, .jpeg or .bmp in any case.
+A Vis image's partner is the Ir image with the same stem (its extension may differ); extra Ir images are ignored.
+
+Synthetic data (``write_synthetic``) imitates the flat layout with 4:3 images whose infrared image is a FIXED,
+documented function of the visible scene, so a translator can learn RGB -> IR on it:
+
+1. Background. A horizon row ``h`` is drawn uniformly in [0.35, 0.65] * height. Sky rows (y < h) blend from
+   ``sky_top`` to ``sky_bottom``, ground rows from ``ground_top`` to ``ground_bottom`` (random colours: blue-ish sky,
+   green/brown ground). Background temperature: sky ``T = 0.05``; ground ``T = 0.25 + 0.15 * (y - h) / (H - h)``
+   (ground warms towards the camera).
+2. Objects. 3-6 axis-aligned rectangles and discs of random size, position and colour ``(r, g, b)`` in [0, 1]
+   are painted in order (later ones on top). Each object's temperature is a function of its colour,
+   ``T = clip(0.55 + 0.45 * (r - b), 0, 1)``: red objects are hot (people, engines), blue ones cold (glass,
+   water), so temperature is visible in RGB.
+3. The visible image is the painted colours (no noise). Its luminance is ``L = 0.299 R + 0.587 G + 0.114 B``.
+4. The infrared image is ``IR = 255 * clip(0.2 + 0.6 * T + 0.2 * (1 - L), 0, 1)`` (hot objects bright, dark
+   surfaces slightly warmer), blurred with a 7x7 Gaussian of sigma 1.5 px (heat diffuses; IR optics are soft)
+   and rounded to uint8.
+
+``Annotation/<stem>.xml`` is a minimal Pascal-VOC file with the first object's box and an M3FD class name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import cv2
+import numpy as np
+import torch
+
+from shared.errors import UserError
+
+#: Image suffixes accepted for both modalities (compared lower-case).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+#: Folder names of the two modalities (compared lower-case).
+VIS_DIR = "vis"
+IR_DIR = "ir"
+#: M3FD's six object classes (used for synthetic annotations).
+M3FD_CLASSES = ("People", "Car", "Bus", "Motorcycle", "Lamp", "Truck")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One registered visible/infrared pair; ``pair_id`` is stable across runs and machines."""
+
+    pair_id: str
+    rgb: Path
+    ir: Path
+
+
+# -- discovery -------------------------------------------------------------------------------------------------------
+
+
+def _child_dir(folder: Path, name: str) -> Path | None:
+    """The sub-folder of ``folder`` whose name equals ``name`` case-insensitively (exact match preferred)."""
+    exact = folder / name
+    if exact.is_dir():
+        return exact
+    for child in sorted(folder.iterdir()):
+        if child.is_dir() and child.name.lower() == name:
+            return child
+    return None
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _pairs_in(vis: Path, ir: Path, prefix: str) -> list[Pair]:
+    """Match every image of ``vis`` to the ``ir`` image with the same stem; UserError when one is missing."""
+    by_stem: dict[str, Path] = {}
+    for p in _images(ir):
+        by_stem.setdefault(p.stem, p)
+    pairs = []
+    for v in _images(vis):
+        partner = by_stem.get(v.stem)
+        if partner is None:
+            raise UserError(
+                f"visible image '{v}' has no infrared partner: expected {ir / v.stem}"
+                f"{{{','.join(IMAGE_SUFFIXES)}}}; add it or remove the visible image"
+            )
+        pairs.append(Pair(pair_id=prefix + v.stem, rgb=v, ir=partner))
+    return pairs
+
+
+def find_pairs(root: str | Path) -> list[Pair]:
+    """All visible/infrared pairs under ``root``, sorted by pair id (deterministic).
+
+    Accepts the flat M3FD_Detection layout (``root/Vis``, ``root/Ir``) or the scene tree
+    (``root/<group>/<scene>/{Vis,Ir}``); see the module docstring. Raises UserError (one line) when the folder is
+    missing, has neither layout, a visible image lacks its infrared partner, or no pair is found.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"dataset folder '{root}' does not exist: give the path of an M3FD folder")
+    vis, ir = _child_dir(root, VIS_DIR), _child_dir(root, IR_DIR)
+    pairs: list[Pair] = []
+    if vis is not None and ir is not None:
+        pairs = _pairs_in(vis, ir, prefix="")
+    else:
+        found_tree = False
+        for group in sorted(p for p in root.iterdir() if p.is_dir()):
+            for scene in sorted(p for p in group.iterdir() if p.is_dir()):
+                svis, sir = _child_dir(scene, VIS_DIR), _child_dir(scene, IR_DIR)
+                if svis is None or sir is None:
+                    continue
+                found_tree = True
+                pairs.extend(_pairs_in(svis, sir, prefix=f"{group.name}/{scene.name}/"))
+        if not found_tree and (vis is not None or ir is not None):
+            have, lack = ("Vis", "Ir") if vis is not None else ("Ir", "Vis")
+            raise UserError(
+                f"dataset '{root}' has {have}/ but no {lack}/: M3FD_Detection needs both side by side"
+            )
+        if not found_tree:
+            raise UserError(
+                f"no M3FD layout in '{root}': expected Vis/ and Ir/ (M3FD_Detection) or <group>/<scene>/Vis "
+                "and <group>/<scene>/Ir (scene tree)"
+            )
+    if not pairs:
+        raise UserError(f"dataset '{root}' has no visible images (.png/.jpg/.jpeg/.bmp) in its Vis folders")
+    pairs.sort(key=lambda p: p.pair_id)
+    return pairs
+
+
+def _imread(path: Path) -> np.ndarray:
+    """``cv2.imread(path, IMREAD_UNCHANGED)``, or UserError naming the file when it is missing, empty or corrupt."""
+    if not path.is_file():
+        raise UserError(f"image '{path}' does not exist: restore it or remove its pair")
+    if path.stat().st_size == 0:
+        raise UserError(f"image '{path}' is empty (0 bytes): re-copy it or remove its pair")
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:  # OpenCV returns None (no exception) for undecodable files
+        raise UserError(
+            f"image '{path}' cannot be decoded (corrupt or unsupported format): re-copy it or remove its pair"
+        )
+    return img
+
+
+def check_image(path: str | Path) -> None:
+    """Raise UserError naming ``path`` if it is missing, empty (0 bytes) or not decodable by OpenCV."""
+    _imread(Path(path))
+
+
+# -- split -----------------------------------------------------------------------------------------------------------
+
+
+def split_pairs(pair_ids: list[str], seed: int = 42, test_fraction: float = 0.2) -> dict[str, str]:
+    """Map each pair id to ``"train"`` or ``"test"``: a deterministic function of (set of ids, seed, fraction).
+
+    Rule (recorded with the job): sort the ids; ``perm = numpy.random.default_rng(seed).permutation(n)``;
+    ``n_test = floor(n * test_fraction + 0.5)``; the ids at positions ``perm[:n_test]`` of the sorted list are
+    "test", all others "train". The input order does not matter. M3FD has no official split; 80/20 with seed 42
+    is the seed project's (and common) practice: 4,200 pairs -> 3,360 / 840.
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise UserError(f"test fraction {test_fraction} is outside [0, 1): use e.g. 0.2")
+    ids = sorted(pair_ids)
+    if len(set(ids)) != len(ids):
+        dup = next(a for a, b in zip(ids, ids[1:], strict=False) if a == b)
+        raise UserError(f"pair id '{dup}' appears twice: pair ids must be unique")
+    n = len(ids)
+    n_test = math.floor(n * test_fraction + 0.5)
+    perm = np.random.default_rng(seed).permutation(n)
+    test = {ids[i] for i in perm[:n_test]}
+    return {pid: ("test" if pid in test else "train") for pid in ids}
+
+
+# -- loading ---------------------------------------------------------------------------------------------------------
+
+
+def _read01(path: Path, gray: bool) -> np.ndarray:
+    """Image as float32 in [0, 1]: (H, W) if ``gray`` else (H, W, 3) in RGB order.
+
+    Conversions: uint16 is divided by 65535 (i.e. scaled to the 8-bit range by /257, then /255); uint8 by 255;
+    float images are clipped to [0, 1]. An alpha channel (BGRA) is dropped. A colour image read as IR is
+    converted with OpenCV's BGR->GRAY (M3FD's IR is 24-bit grey, so all channels are equal); a grey image read
+    as RGB is repeated to three channels.
+    """
+    img = _imread(path)
+    if img.dtype == np.uint8:
+        x = img.astype(np.float32) / 255.0
+    elif img.dtype == np.uint16:
+        x = img.astype(np.float32) / 65535.0
+    else:
+        x = np.clip(img.astype(np.float32), 0.0, 1.0)
+    if x.ndim == 3 and x.shape[2] == 4:
+        x = x[:, :, :3]
+    if x.ndim == 3 and x.shape[2] == 1:
+        x = x[:, :, 0]
+    if gray:
+        return cv2.cvtColor(x, cv2.COLOR_BGR2GRAY) if x.ndim == 3 else x
+    return cv2.cvtColor(x, cv2.COLOR_BGR2RGB) if x.ndim == 3 else np.repeat(x[:, :, None], 3, axis=2)
+
+
+def _crop_resize(x: np.ndarray, size: int, resize_to: int | None) -> np.ndarray:
+    """Centre square crop of side ``size`` (short side first scaled up to ``size`` if smaller), then resize."""
+    h, w = x.shape[:2]
+    if min(h, w) < size:
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        x = cv2.resize(x, (nw, nh), interpolation=cv2.INTER_CUBIC)
+        h, w = x.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    x = x[top : top + size, left : left + size]
+    if resize_to is not None and resize_to != size:
+        # INTER_AREA averages when shrinking (antialiased, like torchvision's Resize on PIL images).
+        interp = cv2.INTER_AREA if resize_to < size else cv2.INTER_CUBIC
+        x = cv2.resize(x, (resize_to, resize_to), interpolation=interp)
+    return np.clip(x, 0.0, 1.0)
+
+
+def load_image_pair(
+    pair: Pair, size: int, resize_to: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Load and preprocess one pair for the VAE.
+
+    Preprocessing (each image independently): centre crop to a ``size`` x ``size`` square (an image whose short
+    side is below ``size`` is first scaled up so that it equals ``size``), then resize to ``resize_to`` if given.
+    The IR image is read as grey and repeated to three channels (the SD VAE expects RGB).
+
+    Returns ``(rgb, ir, ir01)``, each (3, S, S) float32 with S = resize_to or size: rgb and ir in [-1, 1] (VAE
+    input), ir01 in [0, 1] (the real infrared pixels the metrics compare against).
+    """
+    if size < 8:
+        raise UserError(f"crop size {size} px is too small: use at least 8 (e.g. 512)")
+    rgb = _crop_resize(_read01(pair.rgb, gray=False), size, resize_to)  # (S, S, 3)
+    ir = _crop_resize(_read01(pair.ir, gray=True), size, resize_to)  # (S, S)
+    rgb_t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+    ir01 = torch.from_numpy(np.ascontiguousarray(ir))[None].repeat(3, 1, 1)
+    return rgb_t * 2.0 - 1.0, ir01 * 2.0 - 1.0, ir01
+
+
+# -- synthetic data --------------------------------------------------------------------------------------------------
+
+
+def ir_from_scene(rgb01: np.ndarray, temperature: np.ndarray) -> np.ndarray:
+    """The synthetic infrared image (H, W) uint8 of a scene: rgb01 (H, W, 3) in [0, 1], temperature (H, W) in [0, 1].
+
+    ``IR = 255 * clip(0.2 + 0.6 * T + 0.2 * (1 - L), 0, 1)``, L the Rec.601 luminance, then a 7x7 Gaussian blur
+    of sigma 1.5 px (see the module docstring).
+    """
+    lum = rgb01[..., 0] * 0.299 + rgb01[..., 1] * 0.587 + rgb01[..., 2] * 0.114
+    ir = np.clip(0.2 + 0.6 * temperature + 0.2 * (1.0 - lum), 0.0, 1.0).astype(np.float32)
+    ir = cv2.GaussianBlur(ir, (7, 7), sigmaX=1.5, sigmaY=1.5, borderType=cv2.BORDER_REFLECT)
+    return np.clip(np.rint(ir * 255.0), 0, 255).astype(np.uint8)
+
+
+def make_scene(
+    rng: np.random.Generator, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int, str]]:
+    """A random scene: (rgb01 (H, W, 3) float32 in [0, 1], temperature (H, W) float32, first object's box).
+
+    The box is (xmin, ymin, xmax, ymax, class name) in pixels. See the module docstring for the construction.
+    """
+    ys = np.arange(height, dtype=np.float32)[:, None]
+    horizon = int(rng.uniform(0.35, 0.65) * height)
+    sky_top, sky_bottom = (
+        rng.uniform([0.2, 0.4, 0.7], [0.5, 0.7, 1.0]),
+        rng.uniform([0.6, 0.7, 0.8], [0.9, 0.9, 1.0]),
+    )
+    ground_top, ground_bottom = (
+        rng.uniform([0.2, 0.3, 0.1], [0.5, 0.6, 0.3]),
+        rng.uniform([0.3, 0.2, 0.1], [0.6, 0.4, 0.2]),
+    )
+    a_sky = np.clip(ys / max(horizon, 1), 0, 1)[..., None]  # (H, 1, 1)
+    a_gnd = np.clip((ys - horizon) / max(height - horizon, 1), 0, 1)[..., None]
+    sky = (1 - a_sky) * sky_top + a_sky * sky_bottom
+    ground = (1 - a_gnd) * ground_top + a_gnd * ground_bottom
+    is_sky = (ys < horizon)[..., None]
+    rgb = np.where(is_sky, sky, ground) * np.ones((1, width, 1), dtype=np.float32)  # (H, W, 3)
+    temp = np.where(ys < horizon, 0.05, 0.25 + 0.15 * a_gnd[..., 0]) * np.ones((1, width), dtype=np.float32)
+    rgb, temp = rgb.astype(np.float32), temp.astype(np.float32)
+
+    yy, xx = np.mgrid[0:height, 0:width]
+    first_box = None
+    for _ in range(int(rng.integers(3, 7))):
+        colour = rng.uniform(0.0, 1.0, size=3)
+        t_obj = float(np.clip(0.55 + 0.45 * (colour[0] - colour[2]), 0.0, 1.0))
+        w = int(rng.integers(max(2, width // 10), max(3, width // 3)))
+        h = int(rng.integers(max(2, height // 10), max(3, height // 3)))
+        x0, y0 = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+        if rng.uniform() < 0.5:
+            mask = (xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < y0 + h)
+        else:
+            cx, cy, r = x0 + w / 2, y0 + h / 2, min(w, h) / 2
+            mask = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r**2
+        rgb[mask] = colour.astype(np.float32)
+        temp[mask] = t_obj
+        if first_box is None:
+            first_box = (x0, y0, x0 + w - 1, y0 + h - 1, M3FD_CLASSES[int(rng.integers(len(M3FD_CLASSES)))])
+    return rgb, temp, first_box
+
+
+def _voc_xml(stem: str, width: int, height: int, box: tuple[int, int, int, int, str]) -> str:
+    x0, y0, x1, y1, name = box
+    return (
+        "<annotation>\n"
+        f"  <filename>{escape(stem)}.png</filename>\n"
+        f"  <size><width>{width}</width><height>{height}</height><depth>3</depth></size>\n"
+        f"  <object><name>{escape(name)}</name><difficult>0</difficult>\n"
+        f"    <bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox>\n"
+        "  </object>\n"
+        "</annotation>\n"
+    )
+
+
+def write_synthetic(
+    out: str | Path, n_pairs: int, width: int = 128, height: int = 96, seed: int = 0
+) -> list[str]:
+    """Write ``n_pairs`` synthetic pairs in the flat M3FD layout under ``out``; return their pair ids (stems).
+
+    Files: ``out/Vis/00000.png`` (colour), ``out/Ir/00000.png`` (8-bit grey), ``out/Annotation/00000.xml``.
+    Pair i's scene is drawn from ``numpy.random.default_rng([seed, i])``, so a pair does not depend on
+    ``n_pairs``; its IR image is the fixed function of the scene described in the module docstring.
+    """
+    if n_pairs < 1 or width < 16 or height < 16:
+        raise UserError(
+            f"synthetic dataset needs n_pairs >= 1 and images of at least 16x16 px, got {n_pairs} of {width}x{height}"
+        )
+    out = Path(out)
+    dirs = {name: out / name for name in ("Vis", "Ir", "Annotation")}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for i in range(n_pairs):
+        stem = f"{i:05d}"
+        rgb, temp, box = make_scene(np.random.default_rng([seed, i]), width, height)
+        ir = ir_from_scene(rgb, temp)
+        bgr8 = np.clip(np.rint(rgb[..., ::-1] * 255.0), 0, 255).astype(np.uint8)
+        if not (
+            cv2.imwrite(str(dirs["Vis"] / f"{stem}.png"), bgr8)
+            and cv2.imwrite(str(dirs["Ir"] / f"{stem}.png"), ir)
+        ):
+            raise UserError(f"cannot write images under '{out}': check that the folder is writable")
+        (dirs["Annotation"] / f"{stem}.xml").write_text(_voc_xml(stem, width, height, box))
+        ids.append(stem)
+    return ids

@@ -1,0 +1,649 @@
+"""DDP harness shared by the torchrun training entry points (translator, NCSN, classifier).
+
+An entry point is started by its supervisor as
+
+    torchrun --standalone --nproc_per_node=G -m workers.train.<name> --config CONFIG.json
+
+or, with one process and no DDP, as ``python -m workers.train.<name> --config CONFIG.json``. It never touches the
+database or Celery: it reads CONFIG.json and talks back through a JSON-lines event file that rank 0 alone appends
+to (one object per line, flushed and fsynced). Events, all with "event" and "time" (unix seconds):
+
+    start       world_size, device, epoch, step, total_steps, steps_per_epoch, epochs, resumed_from, pids
+    progress    epoch, step, total_steps, loss, samples_per_s, lr                  (every log_every steps)
+    metric      name, value, step, epoch                     ("loss_epoch" at each epoch end, job metrics)
+    checkpoint  path, step, epoch, step_in_epoch, sha256, bytes, reason (interval | epoch | signal | final)
+    stopped     reason="signal", step, epoch, step_in_epoch, checkpoint (latest checkpoint path, or null)
+    done        step, epoch, metrics
+    error       message, rank, step, epoch     (rank 0's own exception, just before the non-zero exit)
+
+"epoch" in progress/metric events is the 0-based epoch the step belongs to; in start/checkpoint/stopped/done it
+is the resume position (the epoch the next batch comes from; after the last epoch it equals ``epochs``).
+"loss" values are means over ranks and samples; a non-finite value is written as null.
+
+Semantics: the global step counts optimizer steps. Each epoch's data order is a function of (seed, epoch) only
+(DistributedSampler, shuffle, set_epoch), so a resume at (epoch, step_in_epoch) skips exactly the batches
+already trained. Checkpoints are written at every epoch end, every ``checkpoint_every`` steps, and at the end
+(reason "final", replacing the last epoch-end one); never twice for one step. SIGTERM/SIGINT set a flag; at the
+next step boundary the ranks agree with an all_reduce(MAX), rank 0 writes a "signal" checkpoint (unless one
+exists for that step already), emits "stopped" and every rank exits 0.
+
+torchrun starts its workers in their own sessions, so a signal to torchrun's process group reaches torchrun,
+which forwards SIGTERM to the workers and then exits non-zero itself although the workers stopped cleanly: the
+"stopped" event is the record of a clean stop. Signalling the ranks themselves (the "pids" of the start event)
+gives the same stop and a torchrun exit status of 0. A crash in any rank propagates as a non-zero exit with the
+traceback on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
+from shared.errors import UserError
+
+# Defaults for the common config keys (the supervisor normally writes all of them).
+DEFAULT_CONFIG: dict[str, Any] = {
+    "events": None,  # JSONL event file; None = events only go to stdout
+    "resume_from": None,  # checkpoint path to continue from
+    "checkpoint_every": 0,  # optimizer steps between interval checkpoints; 0 = epoch ends only
+    "epochs": 1,
+    "batch_size": 8,  # per rank
+    "lr": 1e-4,
+    "weight_decay": 0.0,
+    "seed": 0,
+    "amp": False,  # autocast on CUDA (ignored on CPU)
+    "amp_dtype": "auto",  # "auto" (bf16 where supported, else fp16) | "bf16" | "fp16"
+    "grad_clip": None,  # max global grad norm, None = no clipping
+    "max_steps": None,  # optional cap on the global step
+    "log_every": 10,
+    "device": "auto",  # "auto" | "cpu" | "cuda"
+    "fault": None,  # testing hook: {"rank": r, "step": s} raises in rank r before step s+1
+}
+
+# Keys a resumed run may change; everything else (model, data, optimiser, seed, batch size) comes from the
+# checkpoint so that the resumed run continues the same training.
+OPERATIONAL_KEYS = frozenset(
+    {"run_dir", "events", "resume_from", "checkpoint_every", "epochs", "max_steps", "log_every", "device",
+     "amp", "amp_dtype", "fault"}
+)
+
+CHECKPOINT_FORMAT = 1
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def read_config(
+    argv: list[str] | None = None,
+    description: str | None = None,
+    preset_defaults: Callable[[dict], dict] | None = None,
+) -> tuple[dict, dict | None]:
+    """Parse ``--config CONFIG.json``; return (config with defaults, loaded resume checkpoint or None).
+
+    Precedence: ``DEFAULT_CONFIG`` < ``preset_defaults(given)`` (the job's named preset, e.g. "seed-code") <
+    the keys given in the file. With ``resume_from`` the checkpoint's own config wins for every key outside
+    ``OPERATIONAL_KEYS`` (a warning names each key the new config tried to change).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="JSON config written by the supervisor")
+    args = parser.parse_args(argv)
+    try:
+        with open(args.config) as f:
+            given = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file {args.config} does not exist: pass the path the supervisor wrote") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"config file {args.config} is not valid JSON ({e}): rewrite it") from None
+    if not given.get("run_dir"):
+        raise UserError(f"config file {args.config} has no 'run_dir': add the run folder for checkpoints")
+    cfg = {**DEFAULT_CONFIG, **(preset_defaults(given) if preset_defaults else {}), **given}
+    checkpoint = None
+    if cfg["resume_from"]:
+        checkpoint = load_checkpoint(cfg["resume_from"])
+        saved = checkpoint["config"]
+        for key in sorted(set(saved) & set(given)):
+            if key not in OPERATIONAL_KEYS and given[key] != saved[key] and os.environ.get("RANK", "0") == "0":
+                print(f"warning: resume keeps {key}={saved[key]!r} from the checkpoint (config says {given[key]!r})",
+                      file=sys.stderr)
+        cfg = {**DEFAULT_CONFIG, **saved, **{k: v for k, v in cfg.items() if k in OPERATIONAL_KEYS}}
+    return cfg, checkpoint
+
+
+# ---------------------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: global rank, rank on this node, number of ranks, its device."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    is_main: bool
+    ddp: bool
+    # gloo group for small host-side collectives (stop flag, RNG states): under NCCL they would need a CUDA
+    # tensor and a device sync at every step. None = the default group (already gloo on CPU).
+    cpu_group: Any = None
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group if launched by torchrun (nanoGPT style), else run as one process.
+
+    CUDA ranks use NCCL on ``cuda:LOCAL_RANK``; CPU ranks use gloo.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"device {device!r} is not one of auto, cpu, cuda: fix 'device' in the config")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was asked for but no CUDA GPU is visible: use device 'auto' or 'cpu'")
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    cpu_group = None
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        if use_cuda:
+            torch.cuda.set_device(local_rank)  # before init: NCCL binds each rank to its own GPU
+            dev = torch.device("cuda", local_rank)
+            dist.init_process_group(backend="nccl", device_id=dev)
+            cpu_group = dist.new_group(backend="gloo")
+        else:
+            dev = torch.device("cpu")
+            dist.init_process_group(backend="gloo")
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+        dev = torch.device("cuda") if use_cuda else torch.device("cpu")
+    if use_cuda:  # TF32 matmuls/convs: ~free speed on Ampere+ at no visible cost for these models
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return DistInfo(rank, local_rank, world_size, dev, rank == 0, ddp, cpu_group)
+
+
+def teardown_distributed(info: DistInfo) -> None:
+    """Leave the process group (clean exits only; a crashing rank just exits and torchrun reaps the rest)."""
+    if info.ddp and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_(t: torch.Tensor, info: DistInfo, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all_reduce that is a no-op without DDP; returns ``t``."""
+    if info.ddp:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------- events
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # NaN/inf are not JSON; a diverged loss shows as null
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return v
+
+
+class EventWriter:
+    """Appends one JSON object per line to the event file (rank 0 only), flushed and fsynced each time."""
+
+    def __init__(self, path: str | None, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._f = None
+        if enabled and path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 -- kept open for the run
+
+    def emit(self, event: str, **fields: Any) -> dict | None:
+        """Write {"event": event, "time": now, **fields}; returns the record (None on non-main ranks)."""
+        if not self.enabled:
+            return None
+        record = {"event": event, "time": time.time(), **{k: _jsonable(v) for k, v in fields.items()}}
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        return record
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+# --------------------------------------------------------------------------------------------- signals
+
+
+class StopFlag:
+    """SIGTERM/SIGINT handler that only records the request; ranks act on it together at a step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+
+    @classmethod
+    def install(cls) -> StopFlag:
+        flag = cls()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, flag._handle)
+        return flag
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested, self.signum = True, signum
+
+    def agreed(self, info: DistInfo) -> bool:
+        """Collective: True on every rank if any rank was signalled, so all stop at the same step."""
+        if not info.ddp:
+            return self.requested
+        t = torch.tensor([1 if self.requested else 0], dtype=torch.int32)  # host tensor, gloo: no GPU sync
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.cpu_group)
+        return bool(t.item())
+
+
+# ------------------------------------------------------------------------------------------------- amp
+
+
+@dataclass
+class Amp:
+    """Autocast dtype (None = full precision) and the GradScaler (enabled for fp16 only)."""
+
+    device_type: str
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def select_amp(device: torch.device, amp: bool, amp_dtype: str = "auto") -> Amp:
+    """bf16 autocast on CUDA where supported (no scaler needed), else fp16 with a GradScaler; CPU: none."""
+    dtype = None
+    if amp and device.type == "cuda":
+        if amp_dtype not in ("auto", "bf16", "fp16"):
+            raise UserError(f"amp_dtype {amp_dtype!r} is not one of auto, bf16, fp16: fix the config")
+        bf16 = amp_dtype == "bf16" or (amp_dtype == "auto" and torch.cuda.is_bf16_supported())
+        dtype = torch.bfloat16 if bf16 else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return Amp(device.type, dtype, scaler)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str
+    sha256: str
+    bytes: int
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_path(run_dir: str, step: int) -> str:
+    return os.path.abspath(os.path.join(run_dir, "checkpoints", f"step-{step:08d}.pt"))
+
+
+def save_checkpoint(state: dict, run_dir: str, step: int) -> CheckpointInfo:
+    """Write ``run_dir/checkpoints/step-XXXXXXXX.pt`` atomically (temporary name, fsync, os.replace)."""
+    path = checkpoint_path(run_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return CheckpointInfo(path, sha256_file(path), os.path.getsize(path))
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint onto the CPU. ``weights_only=True``: a checkpoint can carry tensors, not code."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist: pass an existing checkpoint to resume_from")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a training checkpoint of this project: resume from a step-*.pt file")
+    return ckpt
+
+
+def rng_state() -> dict:
+    """This process's torch (CPU and CUDA), numpy and python RNG states, in weights_only-loadable types."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed every RNG of this rank; ranks differ so that per-sample noise differs across ranks."""
+    s = seed + rank
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: each rank sees ceil(N / W) samples (padded), in ceil(. / B) batches."""
+    return math.ceil(math.ceil(num_samples / world_size) / batch_size)
+
+
+def epoch_batches(num_samples: int, epoch: int, seed: int, info: DistInfo, batch_size: int) -> list[torch.Tensor]:
+    """This rank's index batches for ``epoch``: a deterministic function of (seed, epoch, rank, world size).
+
+    The last batch may be short (same length on every rank, since DistributedSampler pads to equal shares).
+    """
+    sampler = DistributedSampler(range(num_samples), num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    idx = torch.tensor(list(iter(sampler)), dtype=torch.long)
+    return list(idx.split(batch_size))
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+StepFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class _Sums:
+    """Sample-weighted running sums of the loss and extra scalars (per rank; rank 0 also carries resumed ones)."""
+
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    count: float = 0.0
+
+    def add(self, scalars: dict[str, torch.Tensor], n: int) -> None:
+        for k, v in scalars.items():
+            v = v.detach().float() * n
+            self.values[k] = self.values[k] + v if k in self.values else v
+        self.count += n
+
+    def reduced(self, info: DistInfo, keys: list[str]) -> tuple[dict[str, float], float]:
+        """Collective: global sums over ranks for ``keys`` (the same list on every rank) and the global count."""
+        zero = torch.zeros((), dtype=torch.float64, device=info.device)
+        t = torch.stack([self.values.get(k, zero).to(info.device, torch.float64) for k in keys]
+                        + [torch.tensor(self.count, dtype=torch.float64, device=info.device)])
+        t = all_reduce_(t.clone(), info).tolist()
+        return dict(zip(keys, t[:-1], strict=True)), t[-1]
+
+
+class Trainer:
+    """Owns the DDP-wrapped model, optimiser, GradScaler, resume state, events and checkpoints of one run.
+
+    The entry point builds the raw model and optimiser, then calls ``fit`` with a ``step_fn(model, idx)`` that
+    returns (loss, extra scalars) for one batch of sample indices; the harness does autocast, backward, the
+    optimiser step, logging, checkpoints, signal stops and the skip-on-resume.
+    """
+
+    def __init__(
+        self,
+        cfg: dict,
+        info: DistInfo,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        stop: StopFlag,
+        checkpoint: dict | None = None,
+        extra_state: dict[str, Any] | None = None,
+        after_step: Callable[[], None] | None = None,
+    ) -> None:
+        self.cfg, self.info, self.stop = cfg, info, stop
+        self.raw_model, self.optimizer = model, optimizer
+        self.extra_state = extra_state or {}  # objects with state_dict/load_state_dict, e.g. {"ema": ema}
+        self.after_step = after_step
+        self.amp = select_amp(info.device, bool(cfg["amp"]), cfg.get("amp_dtype", "auto"))
+        self.events = EventWriter(cfg.get("events"), enabled=info.is_main)
+        self.epoch, self.step, self.step_in_epoch = 0, 0, 0
+        self.resumed_from: str | None = None
+        self.last_saved_step: int | None = None
+        self.last_checkpoint: str | None = None
+        self.epoch_sums = _Sums()
+        self.metrics: dict[str, float] = {}
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        else:
+            seed_rank(int(cfg["seed"]), info.rank)
+        self.model: nn.Module = model
+        if info.ddp:
+            self.model = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda"
+                                                 else None)
+
+    # -- resume / save -------------------------------------------------------------------------------
+
+    def _restore(self, ckpt: dict) -> None:
+        self.raw_model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.amp.scaler.is_enabled() and ckpt.get("scaler"):
+            self.amp.scaler.load_state_dict(ckpt["scaler"])
+        for name, obj in self.extra_state.items():
+            obj.load_state_dict(ckpt["extra"][name])
+        self.epoch, self.step, self.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
+        self.resumed_from = os.path.abspath(self.cfg["resume_from"])
+        self.last_saved_step = self.step
+        self.last_checkpoint = self.resumed_from
+        rngs = ckpt["rng"]
+        if len(rngs) == self.info.world_size and ckpt.get("world_size") == self.info.world_size:
+            set_rng_state(rngs[self.info.rank])
+        else:
+            if self.info.is_main:
+                print(f"warning: resuming a {ckpt.get('world_size')}-rank run on {self.info.world_size} ranks: "
+                      "the rest of this epoch sees a different sample order", file=sys.stderr)
+            seed_rank(int(self.cfg["seed"]) + 7919 * self.step, self.info.rank)
+        if self.info.is_main:  # global sums of the epoch so far live on rank 0 only, so they count once
+            self.epoch_sums = _Sums({k: torch.tensor(v, dtype=torch.float64, device=self.info.device)
+                                     for k, v in ckpt["epoch_sums"].items()}, ckpt["epoch_count"])
+        self.metrics = dict(ckpt.get("metrics", {}))
+
+    def save(self, reason: str) -> CheckpointInfo | None:
+        """Collective: gather RNG states and epoch sums from all ranks; rank 0 writes and logs the checkpoint."""
+        rngs: list[Any] = [None] * self.info.world_size
+        if self.info.ddp:
+            dist.all_gather_object(rngs, rng_state(), group=self.info.cpu_group)
+        else:
+            rngs = [rng_state()]
+        sums, count = self.epoch_sums.reduced(self.info, self._sum_keys())
+        self.last_saved_step = self.step
+        if not self.info.is_main:
+            return None
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.amp.scaler.state_dict() if self.amp.scaler.is_enabled() else None,
+            "extra": {name: obj.state_dict() for name, obj in self.extra_state.items()},
+            "config": self.cfg,
+            "epoch": self.epoch,
+            "step": self.step,
+            "step_in_epoch": self.step_in_epoch,
+            "world_size": self.info.world_size,
+            "rng": rngs,
+            "epoch_sums": sums,
+            "epoch_count": count,
+            "metrics": self.metrics,
+        }
+        ck = save_checkpoint(state, self.cfg["run_dir"], self.step)
+        self.last_checkpoint = ck.path
+        self.events.emit("checkpoint", path=ck.path, step=self.step, epoch=self.epoch,
+                         step_in_epoch=self.step_in_epoch, sha256=ck.sha256, bytes=ck.bytes, reason=reason)
+        print(f"checkpoint {ck.path} ({reason})", flush=True)
+        return ck
+
+    # -- loop ----------------------------------------------------------------------------------------
+
+    def _train_step(self, step_fn: StepFn, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.model.train()
+        with self.amp.autocast():
+            loss, extras = step_fn(self.model, idx)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.amp.scaler.scale(loss).backward()
+        if self.cfg.get("grad_clip"):
+            self.amp.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.raw_model.parameters(), float(self.cfg["grad_clip"]))
+        self.amp.scaler.step(self.optimizer)
+        self.amp.scaler.update()
+        if self.after_step is not None:
+            self.after_step()
+        return loss.detach(), {k: v.detach() for k, v in extras.items()}
+
+    def _batches(self, num_samples: int) -> Iterator[tuple[int, torch.Tensor, int]]:
+        """(batch number in epoch, index batch, batches in epoch), skipping the batches done before a resume."""
+        batches = epoch_batches(num_samples, self.epoch, int(self.cfg["seed"]), self.info,
+                                int(self.cfg["batch_size"]))
+        for b in range(self.step_in_epoch, len(batches)):
+            yield b, batches[b], len(batches)
+
+    def fit(
+        self,
+        num_samples: int,
+        step_fn: StepFn,
+        on_end: Callable[[Trainer], dict[str, float]] | None = None,
+    ) -> dict:
+        """Train to ``epochs`` (or ``max_steps``); returns {"stopped": bool, "step", "epoch", "metrics"}.
+
+        ``on_end(trainer)`` runs on every rank after the final checkpoint (e.g. a test-set evaluation, which may
+        use collectives) and returns metrics that are logged and added to the "done" summary. An exception is
+        logged as an "error" event (rank 0) and re-raised, so the process exits non-zero.
+        """
+        try:
+            return self._fit(num_samples, step_fn, on_end)
+        except Exception as e:
+            self.events.emit("error", message=f"{type(e).__name__}: {e}", rank=self.info.rank, step=self.step,
+                             epoch=self.epoch)
+            self.events.close()
+            raise
+
+    def _fit(self, num_samples: int, step_fn: StepFn, on_end: Callable[[Trainer], dict[str, float]] | None) -> dict:
+        cfg, info = self.cfg, self.info
+        epochs, log_every = int(cfg["epochs"]), max(1, int(cfg["log_every"]))
+        every = int(cfg["checkpoint_every"] or 0)
+        spe = steps_per_epoch(num_samples, info.world_size, int(cfg["batch_size"]))
+        total = epochs * spe if cfg.get("max_steps") is None else min(epochs * spe, int(cfg["max_steps"]))
+        fault = cfg.get("fault") or {}
+        pids: list[Any] = [os.getpid()]
+        if info.ddp:  # lets a supervisor signal the ranks themselves (torchrun exits 0 when they stop cleanly)
+            pids = [None] * info.world_size
+            dist.all_gather_object(pids, os.getpid(), group=info.cpu_group)
+        self.events.emit("start", world_size=info.world_size, device=info.device.type, epoch=self.epoch,
+                         step=self.step, total_steps=total, steps_per_epoch=spe, epochs=epochs,
+                         resumed_from=self.resumed_from, pids=pids)
+        if info.is_main:
+            print(f"training {total} steps ({spe}/epoch) on {info.world_size} x {info.device.type}"
+                  + (f", resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""),
+                  flush=True)
+        window, t0 = _Sums(), time.perf_counter()
+        while self.epoch < epochs and self.step < total:
+            n_batches = spe
+            for b, idx, n_batches in self._batches(num_samples):
+                if self.stop.agreed(info):
+                    return self._stop_on_signal()
+                if fault and fault.get("rank") == info.rank and fault.get("step") == self.step:
+                    raise RuntimeError(f"injected fault on rank {info.rank} before step {self.step + 1}")
+                loss, extras = self._train_step(step_fn, idx)
+                self.step, self.step_in_epoch = self.step + 1, b + 1
+                scalars = {"loss": loss, **extras}
+                self.epoch_sums.add(scalars, len(idx))
+                window.add(scalars, len(idx))
+                if self.step % log_every == 0 or self.step == total:
+                    sums, count = window.reduced(info, ["loss"])
+                    dt = time.perf_counter() - t0
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    loss_avg = sums["loss"] / max(count, 1)
+                    self.metrics["loss"] = loss_avg
+                    self.events.emit("progress", epoch=self.epoch, step=self.step, total_steps=total,
+                                     loss=loss_avg, samples_per_s=count / max(dt, 1e-9), lr=lr)
+                    if info.is_main:
+                        print(f"step {self.step}/{total} | epoch {self.epoch} | loss {loss_avg:.5f} | "
+                              f"{count / max(dt, 1e-9):.1f} samples/s", flush=True)
+                    window, t0 = _Sums(), time.perf_counter()
+                if self.step >= total:
+                    break
+                if every and self.step % every == 0 and b + 1 < n_batches:
+                    self.save("interval")
+            epoch_done = self.step_in_epoch >= n_batches
+            if epoch_done:
+                self._end_epoch()
+            finished = self.epoch >= epochs or self.step >= total
+            if (epoch_done or finished) and self.last_saved_step != self.step:
+                self.save("final" if finished else "epoch")
+        if on_end is not None:
+            for name, value in on_end(self).items():
+                self.metrics[name] = float(value)
+                self.events.emit("metric", name=name, value=value, step=self.step, epoch=self.epoch)
+        self.events.emit("done", step=self.step, epoch=self.epoch, metrics=self.metrics)
+        self.events.close()
+        return {"stopped": False, "step": self.step, "epoch": self.epoch, "metrics": dict(self.metrics)}
+
+    def _sum_keys(self) -> list[str]:
+        """Collective: names of the running sums on any rank (rank 0 may hold resumed ones the others lack)."""
+        keys = sorted(self.epoch_sums.values)
+        if self.info.ddp:
+            every: list[Any] = [None] * self.info.world_size
+            dist.all_gather_object(every, keys, group=self.info.cpu_group)
+            keys = sorted(set().union(*every))
+        return keys
+
+    def _end_epoch(self) -> None:
+        keys = self._sum_keys()
+        sums, count = self.epoch_sums.reduced(self.info, keys)
+        for k in keys:
+            name = f"{k}_epoch"
+            self.metrics[name] = sums[k] / max(count, 1)
+            self.events.emit("metric", name=name, value=self.metrics[name], step=self.step, epoch=self.epoch)
+        self.epoch, self.step_in_epoch, self.epoch_sums = self.epoch + 1, 0, _Sums()
+
+    def _stop_on_signal(self) -> dict:
+        # nothing to save when no step ran since the last checkpoint (or since the checkpoint resumed from)
+        if self.step > 0 and self.last_saved_step != self.step:
+            self.save("signal")
+        self.events.emit("stopped", reason="signal", step=self.step, epoch=self.epoch,
+                         step_in_epoch=self.step_in_epoch, checkpoint=self.last_checkpoint)
+        self.events.close()
+        if self.info.is_main:
+            print(f"stopped by signal at step {self.step}", flush=True)
+        return {"stopped": True, "step": self.step, "epoch": self.epoch, "metrics": dict(self.metrics)}
+
+    def emit_metric(self, name: str, value: float) -> None:
+        """Log a job-specific metric at the current step (rank 0 writes; others ignore)."""
+        self.metrics[name] = float(value)
+        self.events.emit("metric", name=name, value=value, step=self.step, epoch=self.epoch)
