@@ -296,6 +296,16 @@ def cmd_demo(args, settings: Settings) -> int:
     return run_demo(settings, workers=args.workers, pairs=args.pairs, shards=args.shards)
 
 
+#: Modules that add their own subcommands: each has `add_parsers(sub)` and a `COMMANDS` dict {name: fn(args, settings)}.
+EXTENSIONS = ("orchestrator.monitor_cli",)
+
+
+def _extensions():
+    import importlib
+
+    return [importlib.import_module(m) for m in EXTENSIONS]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orchestrator", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -364,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--pairs", type=int, default=32)
     s.add_argument("--shards", type=int, default=16)
+    for ext in _extensions():
+        ext.add_parsers(sub)
     return p
 
 
@@ -379,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
-        return COMMANDS[args.command](args, settings)
+        commands = dict(COMMANDS)
+        for ext in _extensions():
+            commands.update(ext.COMMANDS)
+        return commands[args.command](args, settings)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return C.EXIT_USAGE
