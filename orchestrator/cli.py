@@ -293,7 +293,7 @@ def cmd_worker(args, settings: Settings) -> int:
 def cmd_demo(args, settings: Settings) -> int:
     from orchestrator.demo import run_demo
 
-    return run_demo(settings, workers=args.workers, pairs=args.pairs, shards=args.shards)
+    return run_demo(settings, workers=args.workers, pairs=args.pairs, shards=args.shards, full=not args.invert_only)
 
 
 #: Modules that add their own subcommands: each has `add_parsers(sub)` and a `COMMANDS` dict {name: fn(args, settings)}.
@@ -374,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--pairs", type=int, default=32)
     s.add_argument("--shards", type=int, default=16)
+    s.add_argument("--invert-only", action="store_true", help="run only the main invert job")
     for ext in _extensions():
         ext.add_parsers(sub)
     return p

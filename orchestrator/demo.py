@@ -54,14 +54,39 @@ def stop_workers(procs, grace: float = 30.0) -> None:
             p.wait()
 
 
+_last_line: list[str] = [""]
+
+
 def _progress_line(job) -> None:
-    print(f"\r  {job.id}: {job.state:<9} {job.shards_done:>3}/{job.shards_total} shards", end="", flush=True)
+    """Redraw one line on a terminal; elsewhere print a line only when something changed."""
+    line = f"  {job.id}: {job.state:<9} {job.shards_done:>3}/{job.shards_total} shards"
+    if sys.stdout.isatty():
+        print("\r" + line, end="", flush=True)
+    elif line != _last_line[0]:
+        print(line, flush=True)
+    _last_line[0] = line
 
 
-def run_demo(settings: Settings, workers: int = 2, pairs: int = 32, shards: int = 16) -> int:
+def _stage(settings: Settings, title: str, submit_fn, args: argparse.Namespace, timeout: float = 900) -> str:
     from orchestrator import jobs, queries
-    from orchestrator.output import fmt, table
-    from orchestrator.submit import submit_invert
+    from orchestrator.output import fmt
+
+    t0 = time.monotonic()
+    job_id = submit_fn(settings, args)
+    print(f"\n== {title}: {job_id}")
+    job = jobs.wait(settings, job_id, timeout=timeout, on_tick=_progress_line)
+    print(("\n" if sys.stdout.isatty() else "") + f"   {job.state} in {time.monotonic() - t0:.1f} s")
+    if job.state != "succeeded":
+        raise RuntimeError(f"{title} {job_id} ended {job.state}: {job.error or ''}".strip())
+    for k, v in queries.summary_metrics(settings, job_id).items():
+        print(f"   {k:<28} {fmt(v)}")
+    return job_id
+
+
+def run_demo(settings: Settings, workers: int = 2, pairs: int = 32, shards: int = 16, full: bool = True) -> int:
+    """The main job (invert, 16 shards) end to end; with `full`, also the translator and the NCSN pipelines, tiny."""
+    from orchestrator import queries, submit
+    from orchestrator.output import table
     from workers.ml.m3fd import write_synthetic
     from workers.ml.sd import write_tiny_sd
 
@@ -75,23 +100,49 @@ def run_demo(settings: Settings, workers: int = 2, pairs: int = 32, shards: int 
         write_tiny_sd(model)
     print(f"fixtures: {pairs} synthetic M3FD pairs in {data}, tiny SD model in {model}")
     print(f"embedded default: broker {settings.broker_url} under {settings.broker_folder}, DB {settings.database_url}")
-    args = argparse.Namespace(
-        data=str(data), model=str(model), shards=shards, t=None, steps=None, size=64, batch_size=4,
-        preset="readme", split_seed=42, test_fraction=0.2, precision="auto", seed=0,
-    )
+    ns = argparse.Namespace
     t0 = time.monotonic()
-    with local_workers(settings, workers, "gpu,train,cpu", demo / "logs"):
-        print(f"started {workers} local worker processes (logs in {demo / 'logs'})")
-        job_id = submit_invert(settings, args)
-        print(f"submitted invert --shards {shards}: {job_id}")
-        job = jobs.wait(settings, job_id, timeout=900, on_tick=_progress_line)
-        print()
-    print(f"{job_id}: {job.state} in {time.monotonic() - t0:.1f} s")
-    for k, v in queries.summary_metrics(settings, job_id).items():
-        print(f"  {k:<24} {fmt(v)}")
-    rows = queries.results(settings, job_id, limit=5)
-    print(table(rows, ["pair_id", "split", "shard", "position", "artifact"]))
+    ids: dict[str, str] = {}
+    try:
+        with local_workers(settings, workers, "gpu,train,cpu", demo / "logs"):
+            print(f"started {workers} local worker processes (logs in {demo / 'logs'})")
+            ids["invert"] = _stage(settings, f"invert --shards {shards}", submit.submit_invert, ns(
+                data=str(data), model=str(model), shards=shards, t=None, steps=None, size=64, batch_size=4,
+                preset="readme", split_seed=42, test_fraction=0.2, precision="auto", seed=0))
+            rows = queries.results(settings, ids["invert"], limit=4)
+            print(table(rows, ["pair_id", "split", "shard", "position", "artifact"]))
+            if full:
+                ids["train-translator"] = _stage(settings, "train-translator (DDP, 2 processes)",
+                                                 submit.submit_train_translator, ns(
+                    latents=ids["invert"], preset="readme", epochs=20, lr=3e-3, weight_decay=0.0, batch_size=4,
+                    gpus=2, base_channels=8, depth=2, amp=False, checkpoint_every=0, max_steps=None, log_every=5,
+                    seed=0))
+                ckpt = int(queries.summary_metrics(settings, ids["train-translator"])["final_checkpoint_id"])
+                ids["eval-translator"] = _stage(settings, f"eval-translator --checkpoint {ckpt}",
+                                                submit.submit_eval_translator, ns(checkpoint=ckpt, shards=2,
+                                                                                  batch_size=8))
+                ids["train-ncsn"] = _stage(settings, "train-ncsn (DDP, 2 processes)", submit.submit_train_ncsn, ns(
+                    data="mnist:embedded", preset="ncsn", epochs=1, batch_size=32, lr=1e-3, gpus=2, base_channels=8,
+                    max_train_samples=512, steps_each=5, amp=False, checkpoint_every=0, max_steps=None,
+                    log_every=4, seed=0))
+                ids["train-classifier"] = _stage(settings, "train-classifier", submit.submit_train_classifier, ns(
+                    data="mnist:embedded", epochs=1, batch_size=64, lr=2e-3, gpus=1, max_train_samples=2000,
+                    log_every=10, seed=0))
+                nckpt = int(queries.summary_metrics(settings, ids["train-ncsn"])["final_checkpoint_id"])
+                cckpt = int(queries.summary_metrics(settings, ids["train-classifier"])["final_checkpoint_id"])
+                ids["sample"] = _stage(settings, f"sample --checkpoint {nckpt} --n 64 --shards 4", submit.submit_sample,
+                                       ns(checkpoint=nckpt, n=64, shards=4, batch_size=64, steps_each=5, seed=0))
+                ids["eval-fid"] = _stage(settings, "eval-fid --features mnist-classifier", submit.submit_eval_fid, ns(
+                    samples=ids["sample"], reference="mnist:embedded", reference_split="test", n_real=500,
+                    features="mnist-classifier", inception_weights=None, classifier=cckpt, is_splits=4, seed=0))
+    except RuntimeError as e:
+        print(f"\ndemo failed: {e}")
+        return C.EXIT_JOB_FAILED
+    print(f"\nall stages succeeded in {time.monotonic() - t0:.1f} s (tiny models: the numbers show the plumbing,"
+          " not model quality)")
     print("\nquery it:")
-    for cmd in (f"status {job_id}", f"results {job_id} --format csv", f"metrics {job_id} --json", "jobs"):
-        print(f"  ORCH_HOME={settings.home} orchestrator {cmd}")
-    return C.EXIT_OK if job.state == "succeeded" else C.EXIT_JOB_FAILED
+    home = f"ORCH_HOME={settings.home}"
+    inv = ids["invert"]
+    for cmd in (f"status {inv}", f"results {inv} --format csv", f"metrics {inv} --json", "jobs"):
+        print(f"  {home} orchestrator {cmd}")
+    return C.EXIT_OK

@@ -1,0 +1,298 @@
+"""Queue lengths and DB gauges in the Prometheus text format: `orchestrator queue-length` and `orchestrator exporter`.
+
+Flower's /metrics counts events (tasks seen, runtimes, workers online) but not messages waiting in the broker, which
+is what an autoscaler needs. The numbers here are read straight from the broker:
+- Redis: kombu keeps a queue's waiting messages in a list named after the queue, plus one list per non-zero priority
+  step named `{queue}\\x06\\x16{step}` (kombu.transport.redis `Channel._q_for_pri`); a queue's length is the sum of
+  their LLENs, exactly what kombu's own `_size` computes. Messages delivered to a worker but not yet acknowledged
+  (running or prefetched, with acks_late) sit in the hash `unacked`.
+- the embedded filesystem broker: one file `{time}_{uuid}.{queue}.msg` per waiting message in the broker's `in`
+  folder (kombu.transport.filesystem).
+- any other kombu transport (e.g. AMQP): a passive queue declaration's message count.
+The results DB adds jobs by state and unfinished shards by state. A source that fails sets
+`orch_scrape_error{source=...}` to 1 instead of failing the whole scrape.
+
+The HTTP server is the standard library's: GET /metrics (text format 0.0.4), GET /healthz.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from shared import constants as C
+from shared.errors import UserError
+from shared.settings import Settings, mask_url
+from shared.status import JobState, ShardState
+
+log = logging.getLogger(__name__)
+
+#: Default port of `orchestrator exporter` (deploy/ scrapes it there).
+DEFAULT_PORT = 9808
+#: Prometheus text exposition format served on /metrics.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Shard states counted by `orch_shards` (finished shards only grow and say nothing about load).
+UNFINISHED = (ShardState.PENDING, ShardState.QUEUED, ShardState.RUNNING)
+
+
+@dataclass
+class Snapshot:
+    """One reading of every gauge; None where a source could not be read."""
+
+    queues: dict[str, int] | None = None
+    unacked: int | None = None
+    jobs: dict[str, int] | None = None
+    shards: dict[str, int] | None = None
+    errors: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# -- broker -----------------------------------------------------------------------------------------------------------
+
+
+def redis_client_url(broker_url: str) -> str:
+    """The redis-py URL of a Celery Redis broker URL (`redis+socket://` is redis-py's `unix://`)."""
+    if broker_url.startswith("redis+socket://"):
+        return "unix://" + broker_url[len("redis+socket://"):]
+    return broker_url
+
+
+def redis_queue_lengths(broker_url: str, queues: Sequence[str] = C.QUEUES,
+                        transport_options: dict[str, Any] | None = None) -> tuple[dict[str, int], int]:
+    """({queue: waiting messages}, unacked messages) of a Redis broker, as kombu's Redis transport keeps them."""
+    import redis
+    from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+    opts = transport_options or {}
+    prefix = opts.get("global_keyprefix", "") or ""
+    sep = opts.get("sep", Channel.sep)
+    steps = opts.get("priority_steps", PRIORITY_STEPS)
+    unacked_key = opts.get("unacked_key", Channel.unacked_key)
+    client = redis.Redis.from_url(redis_client_url(broker_url), socket_timeout=5, socket_connect_timeout=5)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for q in queues:
+            for pri in steps:
+                pipe.llen(prefix + (f"{q}{sep}{pri}" if pri else q))
+        pipe.hlen(prefix + unacked_key)
+        sizes = pipe.execute()
+    finally:
+        client.close()
+    n = len(steps)
+    lengths = {q: int(sum(sizes[i * n : (i + 1) * n])) for i, q in enumerate(queues)}
+    return lengths, int(sizes[-1])
+
+
+def filesystem_queue_lengths(folder: Path, queues: Sequence[str] = C.QUEUES) -> dict[str, int]:
+    """{queue: waiting messages} of the embedded filesystem broker whose message folder is `folder`."""
+    counts = dict.fromkeys(queues, 0)
+    try:
+        names = [p.name for p in Path(folder).iterdir()]
+    except FileNotFoundError:
+        return counts
+    wanted = {f"{q}.msg": q for q in queues}
+    for name in names:
+        q = wanted.get(name.partition(".")[2])  # kombu's own test: "{ms}_{uuid}" never holds a dot
+        if q is not None:
+            counts[q] += 1
+    return counts
+
+
+def kombu_queue_lengths(settings: Settings, queues: Sequence[str] = C.QUEUES) -> dict[str, int]:
+    """{queue: waiting messages} through a passive declaration on the Celery app's broker (AMQP and others)."""
+    from workers.dispatch import get_app
+
+    app = get_app(settings)
+    out = {}
+    with app.connection_for_read() as conn:
+        for q in queues:
+            chan = conn.channel()  # AMQP closes a channel whose passive declare fails: one channel per queue
+            try:
+                out[q] = int(chan.queue_declare(queue=q, passive=True).message_count)
+            except conn.channel_errors:  # not declared yet: nothing waits in it
+                out[q] = 0
+            finally:
+                try:
+                    chan.close()
+                except Exception:
+                    pass
+    return out
+
+
+def queue_lengths(settings: Settings, queues: Sequence[str] = C.QUEUES) -> tuple[dict[str, int], int | None]:
+    """({queue: messages waiting}, unacked or None) for the configured broker."""
+    url = settings.broker_url
+    scheme = urlsplit(url).scheme
+    if settings.embedded_broker:
+        return filesystem_queue_lengths(settings.broker_folder / "in", queues), None
+    if scheme in ("redis", "rediss", "redis+socket"):
+        from workers.dispatch import get_app
+
+        opts = dict(get_app(settings).conf.broker_transport_options or {})
+        return redis_queue_lengths(url, queues, opts)
+    return kombu_queue_lengths(settings, queues), None
+
+
+# -- DB ---------------------------------------------------------------------------------------------------------------
+
+
+def db_gauges(settings: Settings) -> tuple[dict[str, int], dict[str, int]]:
+    """({job state: jobs}, {unfinished shard state: shards}), zero-filled so every series always exists."""
+    from sqlalchemy import func, select
+
+    from shared.db import ensure_schema, session_scope
+    from shared.models import Job, Shard
+
+    ensure_schema(settings)
+    with session_scope(settings) as s:
+        jobs = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        shards = dict(s.execute(select(Shard.state, func.count())
+                                .where(Shard.state.in_([st.value for st in UNFINISHED]))
+                                .group_by(Shard.state)).all())
+    return ({st.value: int(jobs.get(st.value, 0)) for st in JobState},
+            {st.value: int(shards.get(st.value, 0)) for st in UNFINISHED})
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def collect(settings: Settings, queues: Sequence[str] = C.QUEUES, db: bool = True) -> Snapshot:
+    """Read every source once; a failing source leaves its gauges out and records its error."""
+    t0 = time.perf_counter()
+    snap = Snapshot()
+    try:
+        snap.queues, snap.unacked = queue_lengths(settings, queues)
+    except Exception as e:
+        snap.errors["broker"] = _one_line(e)
+    if db:
+        try:
+            snap.jobs, snap.shards = db_gauges(settings)
+        except Exception as e:
+            snap.errors["db"] = _one_line(e)
+    snap.seconds = time.perf_counter() - t0
+    return snap
+
+
+# -- text format ------------------------------------------------------------------------------------------------------
+
+
+def _label(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _family(lines: list[str], name: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
+    lines.append(f"# HELP {name} {help_}")
+    lines.append(f"# TYPE {name} gauge")
+    for labels, value in samples:
+        lab = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+        lines.append(f"{name}{{{lab}}} {value:g}" if lab else f"{name} {value:g}")
+
+
+def render_prometheus(snap: Snapshot, db: bool = True) -> str:
+    """The snapshot in the Prometheus text exposition format (version 0.0.4)."""
+    lines: list[str] = []
+    if snap.queues is not None:
+        _family(lines, "orch_queue_length", "Messages waiting in a broker queue (not yet delivered to a worker).",
+                [({"queue": q}, n) for q, n in snap.queues.items()])
+    if snap.unacked is not None:
+        _family(lines, "orch_broker_unacked_messages",
+                "Messages delivered to workers and not yet acknowledged (running or prefetched shards).",
+                [({}, snap.unacked)])
+    if snap.jobs is not None:
+        _family(lines, "orch_jobs", "Jobs in the results database by state.",
+                [({"state": st}, n) for st, n in snap.jobs.items()])
+    if snap.shards is not None:
+        _family(lines, "orch_shards", "Unfinished shards in the results database by state.",
+                [({"state": st}, n) for st, n in snap.shards.items()])
+    sources = ["broker", "db"] if db else ["broker"]
+    _family(lines, "orch_scrape_error", "1 when a source could not be read during this scrape.",
+            [({"source": src}, 1 if src in snap.errors else 0) for src in sources])
+    _family(lines, "orch_scrape_duration_seconds", "Seconds this scrape took.", [({}, round(snap.seconds, 6))])
+    return "\n".join(lines) + "\n"
+
+
+# -- HTTP -------------------------------------------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "orch-exporter"
+    settings: Settings
+    lock: threading.Lock
+    db: bool = True
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            with self.lock:  # concurrent scrapes share one reading at a time instead of piling up on the broker
+                snap = collect(self.settings, db=self.db)
+            for src, err in snap.errors.items():
+                log.warning("exporter: %s unreadable: %s", src, err)
+            self._send(200, render_prometheus(snap, db=self.db), CONTENT_TYPE)
+        elif path in ("/healthz", "/healthcheck"):
+            self._send(200, "ok\n", "text/plain; charset=utf-8")
+        elif path == "/":
+            self._send(200, '<html><body><a href="/metrics">metrics</a></body></html>\n', "text/html; charset=utf-8")
+        else:
+            self._send(404, "not found\n", "text/plain; charset=utf-8")
+
+    def _send(self, code: int, body: str, ctype: str) -> None:
+        data = body.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("exporter: " + fmt, *args)
+
+
+def make_server(settings: Settings, port: int = DEFAULT_PORT, address: str = "", db: bool = True) -> ThreadingHTTPServer:
+    """A bound (not yet serving) exporter; port 0 picks a free port (see `server.server_address`)."""
+    handler = type("Handler", (_Handler,), {"settings": settings, "lock": threading.Lock(), "db": db})
+    try:
+        server = ThreadingHTTPServer((address, port), handler)
+    except OSError as e:
+        raise UserError(f"exporter cannot listen on {address or '*'}:{port}: {e.strerror}: choose another --port") from e
+    server.daemon_threads = True
+    return server
+
+
+def serve(settings: Settings, port: int = DEFAULT_PORT, address: str = "", db: bool = True) -> int:
+    """Serve /metrics until SIGINT/SIGTERM."""
+    import signal
+
+    server = make_server(settings, port, address, db)
+    host, bound = server.server_address[:2]
+    print(f"exporter on http://{host or '0.0.0.0'}:{bound}/metrics (broker {mask_url(settings.broker_url)})",
+          flush=True)
+
+    def _stop(signum, frame):  # SIGTERM from Docker/Kubernetes: stop like SIGINT
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def queue_lengths_or_error(settings: Settings, queues: Sequence[str] = C.QUEUES) -> dict[str, int]:
+    """`queue_lengths` for the CLI: a broker that cannot be read is one clear line."""
+    try:
+        return queue_lengths(settings, queues)[0]
+    except Exception as e:
+        raise UserError(f"cannot read queue lengths from broker {mask_url(settings.broker_url)}: {_one_line(e)}: "
+                        "check that it is running and ORCH_BROKER_URL") from e
