@@ -72,6 +72,8 @@ def add_submit_parsers(sub) -> None:
     inv.add_argument("--test-fraction", type=float, default=0.2)
     inv.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     inv.add_argument("--seed", type=int, default=0, help="seed of latent sampling (seed-code preset)")
+    inv.add_argument("--skip-bad", action="store_true",
+                     help="skip pairs with unreadable or mismatched images (recorded in the DB) instead of failing")
     _add_common_submit(inv)
 
     tr = kinds.add_parser("train-translator", help="train the latent U-Net z_rgb_t -> z_ir_t with DDP")
@@ -306,8 +308,15 @@ def _extensions():
     return [importlib.import_module(m) for m in EXTENSIONS]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (like every other error) and still exits with status 2."""
+
+    def error(self, message: str):
+        self.exit(C.EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="orchestrator", description=__doc__.splitlines()[0])
+    p = _Parser(prog="orchestrator", description="Distributed generative-modelling jobs: submit, watch, query.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_submit_parsers(sub)
 
@@ -389,7 +398,10 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (status 2) and --help (status 0)
+        return int(e.code or 0)
     try:
         settings = Settings.from_env()
         commands = dict(COMMANDS)

@@ -11,7 +11,7 @@ from sqlalchemy import insert, select, update
 
 from shared.db import ensure_schema, session_scope
 from shared.errors import UserError
-from shared.models import Item, Job, Lineage, Shard
+from shared.models import Item, Job, Lineage, Rejection, Shard
 from shared.settings import Settings
 from shared.status import JobState, ShardState
 from workers.bookkeeping import utcnow
@@ -29,8 +29,10 @@ def create_job(
     n_shards: int,
     items: Sequence[dict[str, Any]] = (),
     lineage: Sequence[tuple[str, str, str]] = (),
+    rejections: Sequence[tuple[str, str, str]] = (),
 ) -> str:
-    """Insert the job, its shards, items and lineage in ONE transaction: a job is never half-created."""
+    """Insert the job, its shards, items, lineage and refused inputs in ONE transaction: a job is never
+    half-created."""
     ensure_schema(settings)
     job_id = new_job_id(kind)
     with session_scope(settings) as s:
@@ -43,13 +45,17 @@ def create_job(
         if lineage:
             s.execute(insert(Lineage), [{"job_id": job_id, "input_kind": k, "input_ref": r, "role": role}
                                         for k, r, role in lineage])
+        if rejections:
+            s.execute(insert(Rejection), [{"job_id": job_id, "kind": k, "ref": r, "reason": why}
+                                          for k, r, why in rejections])
     return job_id
 
 
-def submit(settings: Settings, kind: str, spec: dict[str, Any], n_shards: int, items=(), lineage=()) -> str:
+def submit(settings: Settings, kind: str, spec: dict[str, Any], n_shards: int, items=(), lineage=(),
+           rejections=()) -> str:
     """Create the rows, then publish the shards. A crash in between leaves a `queued` job with pending shards that
     `orchestrator resume` (or the reaper) publishes; nothing is lost."""
-    job_id = create_job(settings, kind, spec, n_shards, items, lineage)
+    job_id = create_job(settings, kind, spec, n_shards, items, lineage, rejections)
     enqueue_shards(settings, job_id)
     return job_id
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import jobs
-from orchestrator.validate import check_images, check_positive, check_shards, plan_contiguous
+from orchestrator.validate import check_pairs, check_positive, check_shards, plan_contiguous
 from shared import constants as C
 from shared.settings import Settings
 
@@ -18,12 +18,14 @@ def submit_invert(settings: Settings, args: Any) -> str:
 
     data = Path(args.data).expanduser()
     pairs = m3fd.find_pairs(data)  # UserError: missing folder, layout, missing IR partner, empty
+    skip_bad = bool(getattr(args, "skip_bad", False))
     check_shards(args.shards, len(pairs))
     check_positive("--batch-size", args.batch_size)
     overrides = {k: v for k, v in {"t_end": args.t, "steps": args.steps, "size": args.size}.items() if v is not None}
     cfg = make_config(args.preset, **overrides)  # UserError: t not on the schedule, bad steps/size
     sd.check_model(args.model)  # UserError: unknown path or id not in the offline cache
-    check_images([p.rgb for p in pairs] + [p.ir for p in pairs])
+    pairs, skipped = check_pairs(pairs, skip_bad)  # UserError naming a bad file, unless --skip-bad
+    check_shards(args.shards, len(pairs))
     ids = [p.pair_id for p in pairs]
     split = m3fd.split_pairs(ids, seed=args.split_seed, test_fraction=args.test_fraction)
     items = []
@@ -39,14 +41,16 @@ def submit_invert(settings: Settings, args: Any) -> str:
         "batch_size": args.batch_size,
         "split_seed": args.split_seed,
         "test_fraction": args.test_fraction,
-        "split_rule": "numpy default_rng(split_seed).permutation of the sorted pair ids; the first "
-                      "round(test_fraction * n) are test",
+        "split_rule": "workers.ml.m3fd.split_pairs(sorted pair ids, split_seed, test_fraction)",
+        "skip_bad": skip_bad,
+        "skipped_at_submit": len(skipped),
         "precision": args.precision,
         "seed": args.seed,
         "pairs": len(pairs),
     }
     lineage = [("data", spec["data"], "pairs"), ("model", args.model, "sd")]
-    return jobs.submit(settings, C.KIND_INVERT, spec, args.shards, items, lineage)
+    rejections = [("skipped_input", f, reason) for _pid, f, reason in skipped]
+    return jobs.submit(settings, C.KIND_INVERT, spec, args.shards, items, lineage, rejections)
 
 
 def _given(**kw: Any) -> dict[str, Any]:

@@ -32,14 +32,38 @@ def check_image_header(path: Path) -> None:
         raise UserError(f"image {path} is not a valid {path.suffix.lstrip('.').upper()} file: replace or remove it")
 
 
-def check_images(paths: list[Path]) -> None:
+def check_pairs(pairs: list, skip_bad: bool = False) -> tuple[list, list[tuple[str, str, str]]]:
+    """Check every pair's files: headers always; full decode and equal RGB/IR sizes for small datasets.
+
+    Returns (good pairs, [(pair_id, file, reason)] of skipped ones). Without `skip_bad` the first bad file raises
+    UserError naming it.
+    """
+    import cv2
+
     from workers.ml.m3fd import check_image
 
-    for p in paths:
-        check_image_header(p)
-    if len(paths) <= FULL_DECODE_LIMIT:
-        for p in paths:
-            check_image(p)
+    full = 2 * len(pairs) <= FULL_DECODE_LIMIT
+    good, bad = [], []
+    for pair in pairs:
+        try:
+            for path in (pair.rgb, pair.ir):
+                check_image_header(Path(path))
+            if full:
+                check_image(pair.rgb)
+                check_image(pair.ir)
+                a = cv2.imread(str(pair.rgb), cv2.IMREAD_UNCHANGED).shape[:2]
+                b = cv2.imread(str(pair.ir), cv2.IMREAD_UNCHANGED).shape[:2]
+                if a != b:
+                    raise UserError(f"pair {pair.pair_id}: {pair.rgb} is {a[1]}x{a[0]} but {pair.ir} is {b[1]}x{b[0]}: "
+                                    "registered pairs must have the same size (fix them or pass --skip-bad)")
+            good.append(pair)
+        except UserError as e:
+            if not skip_bad:
+                raise
+            bad.append((pair.pair_id, str(pair.rgb), str(e)))
+    if not good:
+        raise UserError(f"all {len(pairs)} pairs have bad images (first: {bad[0][2]}): fix the dataset")
+    return good, bad
 
 
 def check_shards(shards: int, n_items: int, what: str = "pairs") -> None:

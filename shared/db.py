@@ -78,6 +78,7 @@ def upgrade(url: str, revision: str = "head") -> None:
     """Run the migrations up to `revision` (idempotent)."""
     from alembic import command
 
+    get_engine(url)  # creates the folder of a SQLite file
     command.upgrade(alembic_config(url), revision)
     _upgraded.add(url)
 

@@ -179,3 +179,23 @@ class Lineage(Base):
         CheckConstraint("input_kind IN ('job', 'checkpoint', 'data', 'model')", name="input_kind"),
         Index("ix_lineage_input", "input_kind", "input_ref"),
     )
+
+
+class Rejection(Base):
+    """Input the system refused without failing: a skipped bad image (--skip-bad) or a malformed task message.
+
+    `job_id` is free text, not a foreign key: a malformed message may name a job that does not exist.
+    """
+
+    __tablename__ = "rejections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str | None] = mapped_column(String(255), default=None)
+    kind: Mapped[str] = mapped_column(String(32))
+    ref: Mapped[str] = mapped_column(String(1024))
+    reason: Mapped[str] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(255), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    __table_args__ = (
+        CheckConstraint("kind IN ('skipped_input', 'bad_message')", name="kind"),
+        Index("ix_rejections_job", "job_id", "kind"),
+    )

@@ -87,7 +87,7 @@ def servers(tmp_path, pg_database) -> Settings:
     index = int(os.environ.get("ORCH_TEST_REDIS_DB", str(3 + uuid.uuid4().int % 12)))
     redis.Redis.from_url(f"{REDIS_URL}/{index}").flushdb()
     with db.get_engine(pg_database).begin() as c:
-        c.execute(text("TRUNCATE jobs, shards, artifacts, items, metrics, checkpoints, lineage CASCADE"))
+        c.execute(text("TRUNCATE jobs, shards, artifacts, items, metrics, checkpoints, lineage, rejections CASCADE"))
     env = {
         "ORCH_HOME": str(tmp_path / "orch"),
         "ORCH_BROKER_URL": f"{REDIS_URL}/{index}",

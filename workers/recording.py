@@ -68,3 +68,14 @@ def record_metrics(
         key=["job_id", "name", "step", "item"],
         update=["value", "shard_index"],
     )
+
+
+def record_rejection(settings, kind: str, ref: str, reason: str, job_id: str | None = None,
+                     worker: str | None = None) -> None:
+    """Record refused input (a skipped image, a malformed message) in its own transaction."""
+    from shared.db import session_scope
+    from shared.models import Rejection
+
+    with session_scope(settings) as s:
+        s.add(Rejection(job_id=None if job_id is None else str(job_id)[:255], kind=kind, ref=str(ref)[:1024],
+                        reason=str(reason)[:4000], worker=worker))

@@ -226,6 +226,7 @@ def load_image_pair(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Load and preprocess one pair for the VAE.
 
+    The two images must have the same size (M3FD pairs are registered); otherwise UserError names both files.
     Preprocessing (each image independently): centre crop to a ``size`` x ``size`` square (an image whose short
     side is below ``size`` is first scaled up so that it equals ``size``), then resize to ``resize_to`` if given.
     The IR image is read as grey and repeated to three channels (the SD VAE expects RGB).
@@ -235,8 +236,15 @@ def load_image_pair(
     """
     if size < 8:
         raise UserError(f"crop size {size} px is too small: use at least 8 (e.g. 512)")
-    rgb = _crop_resize(_read01(pair.rgb, gray=False), size, resize_to)  # (S, S, 3)
-    ir = _crop_resize(_read01(pair.ir, gray=True), size, resize_to)  # (S, S)
+    rgb_full, ir_full = _read01(pair.rgb, gray=False), _read01(pair.ir, gray=True)
+    if rgb_full.shape[:2] != ir_full.shape[:2]:
+        # M3FD pairs are registered pixel to pixel; cropping two sizes independently would misalign them
+        raise UserError(
+            f"pair {pair.pair_id}: {pair.rgb} is {rgb_full.shape[1]}x{rgb_full.shape[0]} but {pair.ir} is "
+            f"{ir_full.shape[1]}x{ir_full.shape[0]}: registered pairs must have the same size (fix or use --skip-bad)"
+        )
+    rgb = _crop_resize(rgb_full, size, resize_to)  # (S, S, 3)
+    ir = _crop_resize(ir_full, size, resize_to)  # (S, S)
     rgb_t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
     ir01 = torch.from_numpy(np.ascontiguousarray(ir))[None].repeat(3, 1, 1)
     return rgb_t * 2.0 - 1.0, ir01 * 2.0 - 1.0, ir01

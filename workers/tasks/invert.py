@@ -7,11 +7,12 @@ import os
 import time
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from shared import constants as C
-from shared.models import Item, Job, Shard
+from shared.errors import UserError
+from shared.models import Item, Job, Rejection, Shard
 from workers import bookkeeping as bk
 from workers.device import cached, pick_device, pick_dtype
 from workers.recording import record_artifact, record_metrics
@@ -50,21 +51,36 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
     gen = torch.Generator(device=device).manual_seed(int(spec.get("seed", 0)) * 1_000_003 + ctx.index)
     bs = int(spec["batch_size"])
     chunks: dict[str, list] = {}
+    kept: list[tuple[str, str, str]] = []
+    skipped: list[tuple[str, str, str]] = []
     t0 = time.perf_counter()
     for start in range(0, len(items), bs):
         ctx.check()
-        batch = items[start : start + bs]
-        loaded = [load_image_pair(Pair(pid, Path(rgb), Path(ir)), cfg.size, cfg.resize_to) for pid, rgb, ir in batch]
+        batch, loaded = [], []
+        for pid, rgb_path, ir_path in items[start : start + bs]:
+            try:
+                loaded.append(load_image_pair(Pair(pid, Path(rgb_path), Path(ir_path)), cfg.size, cfg.resize_to))
+                batch.append((pid, rgb_path, ir_path))
+            except UserError as e:  # a file that broke after submission (or was never fully decoded there)
+                if not spec.get("skip_bad"):
+                    raise
+                skipped.append((pid, rgb_path, str(e)))
+        if not batch:
+            continue
         rgb = torch.stack([x[0] for x in loaded])  # (B, 3, S, S) in [-1, 1]
         ir = torch.stack([x[1] for x in loaded])
         out = invert_pairs(parts, rgb, ir, cfg, generator=gen)
         for k, v in out.items():
             chunks.setdefault(k, []).append(v)
-        done = start + len(batch)
-        ctx.progress(done, len(items), pairs_per_s=round(done / max(time.perf_counter() - t0, 1e-9), 3))
+        kept += batch
+        done = start + bs
+        rate = round(len(kept) / max(time.perf_counter() - t0, 1e-9), 3)
+        ctx.progress(min(done, len(items)), len(items), pairs_per_s=rate)
+    if not kept:
+        raise UserError(f"every pair of shard {ctx.index} has a bad image (first: {skipped[0][2]})")
     tensors = {k: torch.cat(v).contiguous() for k, v in chunks.items()}
     seconds = time.perf_counter() - t0
-    pair_ids = [pid for pid, _, _ in items]
+    pair_ids = [pid for pid, _, _ in kept]
     meta = {"job_id": ctx.job_id, "shard": str(ctx.index), "pair_ids": json.dumps(pair_ids), "t": str(cfg.t_end)}
     key = f"jobs/{ctx.job_id}/latents/shard-{ctx.index:05d}.safetensors"
     stored = ctx.storage.write(key, lambda p: save_file(tensors, str(p), metadata=meta))
@@ -72,7 +88,7 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
     def record(s: Session) -> None:
         art_id = record_artifact(
             s, ctx.job_id, ctx.index, C.ARTIFACT_LATENTS, stored,
-            {"pairs": len(items), "keys": sorted(tensors), "shape": list(tensors["z_rgb_t"].shape[1:])},
+            {"pairs": len(kept), "keys": sorted(tensors), "shape": list(tensors["z_rgb_t"].shape[1:])},
         )
         for pos, pid in enumerate(pair_ids):
             s.execute(
@@ -80,11 +96,19 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
                 .where(Item.job_id == ctx.job_id, Item.pair_id == pid)
                 .values(artifact_id=art_id, position=pos)
             )
+        # a re-run replaces this shard's skip records (its files belong to no other shard) instead of adding to them
+        files = [f for _, f, _ in skipped]
+        if files:
+            s.execute(delete(Rejection).where(Rejection.job_id == ctx.job_id, Rejection.kind == "skipped_input",
+                                              Rejection.ref.in_(files)))
+        for _pid, f, why in skipped:
+            s.add(Rejection(job_id=ctx.job_id, kind="skipped_input", ref=f, reason=why, worker=ctx.owner))
 
     result = {
-        "pairs": len(items),
+        "pairs": len(kept),
+        "skipped": len(skipped),
         "seconds": round(seconds, 4),
-        "pairs_per_s": round(len(items) / max(seconds, 1e-9), 3),
+        "pairs_per_s": round(len(kept) / max(seconds, 1e-9), 3),
         "device": device,
         "pid": os.getpid(),
         "model_cache_hit": hit,
@@ -94,9 +118,13 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
 
 
 def finalize_invert(s: Session, job: Job) -> None:
-    n = s.execute(select(func.count()).select_from(Item).where(Item.job_id == job.id)).scalar_one()
+    n = s.execute(select(func.count()).select_from(Item)
+                  .where(Item.job_id == job.id, Item.artifact_id.is_not(None))).scalar_one()
+    n_skipped = s.execute(select(func.count()).select_from(Rejection)
+                          .where(Rejection.job_id == job.id, Rejection.kind == "skipped_input")).scalar_one()
     n_train = s.execute(
-        select(func.count()).select_from(Item).where(Item.job_id == job.id, Item.split == "train")
+        select(func.count()).select_from(Item).where(Item.job_id == job.id, Item.split == "train",
+                                                     Item.artifact_id.is_not(None))
     ).scalar_one()
     results = s.execute(select(Shard.result).where(Shard.job_id == job.id)).scalars().all()
     busy = sum(float((r or {}).get("seconds", 0.0)) for r in results)
@@ -108,6 +136,7 @@ def finalize_invert(s: Session, job: Job) -> None:
             "pairs": n,
             "pairs_train": n_train,
             "pairs_test": n - n_train,
+            "pairs_skipped": n_skipped,
             "shard_seconds_total": round(busy, 4),
             "wall_seconds": round(wall, 4),
             "pairs_per_second": round(n / max(wall, 1e-9), 4),
