@@ -1,0 +1,61 @@
+"""Messages sent straight to the broker: malformed ones are refused and recorded, pickle is never deserialised,
+and the worker keeps serving real work."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import select
+
+from orchestrator import jobs
+from orchestrator.demo import local_workers
+from shared import constants as C
+from shared.db import session_scope
+from shared.models import Rejection, Shard
+from tests.orchestrator.conftest import invert_args
+from workers.dispatch import get_app
+
+pytestmark = pytest.mark.slow
+
+
+def test_malformed_and_pickle_messages(embedded, tiny_sd, m3fd_small, tmp_path):
+    from orchestrator.submit import submit_invert
+
+    s = embedded
+    app = get_app(s)
+    target = jobs.create_job(s, "invert", {"never": "run"}, 1)  # rows only: nothing published for it
+    with local_workers(s, 1, "gpu,cpu", tmp_path / "logs"):
+        bad = [
+            {"kwargs": {"job_id": 5, "shard_index": "x"}},
+            {"kwargs": {}},
+            {"kwargs": {"job_id": "invert-000000000000", "shard_index": 0}},  # unknown job
+            {"args": [1, 2, 3]},
+            {"kwargs": {"job_id": "'; DROP TABLE jobs; --", "shard_index": 0}},
+        ]
+        for m in bad:
+            app.send_task(C.TASK_INVERT_SHARD, queue=C.QUEUE_GPU, **m)
+        app.send_task("no.such.task", kwargs={"job_id": target, "shard_index": 0}, queue=C.QUEUE_GPU)
+        # a pickle message for a real shard: if it were deserialised, the shard would run
+        app.send_task(C.TASK_INVERT_SHARD, kwargs={"job_id": target, "shard_index": 0}, queue=C.QUEUE_GPU,
+                      serializer="pickle")
+        job_id = submit_invert(s, invert_args(m3fd_small, tiny_sd, shards=2))  # real work after all that
+        job = jobs.wait(s, job_id, timeout=300)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with session_scope(s) as ss:
+                rejected = ss.execute(select(Rejection.ref, Rejection.reason)
+                                      .where(Rejection.kind == "bad_message")).all()
+            if len(rejected) >= 6:
+                break
+            time.sleep(0.5)
+    assert job.state == "succeeded"  # the worker survived every bad message
+    reasons = " | ".join(r for _, r in rejected)
+    assert len(rejected) == 6, reasons
+    for needle in ("job_id must be", "missing field", "unknown shard", "unexpected arguments", "unknown task name"):
+        assert needle in reasons
+    with session_scope(s) as ss:
+        state = ss.execute(select(Shard.state, Shard.attempts).where(Shard.job_id == target)).one()
+    assert tuple(state) == ("pending", 0)  # the pickle message was refused, never executed
+    log = (tmp_path / "logs" / "worker-0.log").read_text()
+    assert "pickle" in log  # Celery says why it refused it
