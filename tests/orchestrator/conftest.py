@@ -17,18 +17,22 @@ def invert_args(data: Path, model: Path, shards: int = 4, **kw) -> argparse.Name
     return argparse.Namespace(**base)
 
 
+def create_only(submit_fn, settings, args) -> str:
+    """Run a `submit_*` function but only create the rows (nothing is published): the test process is the worker."""
+    orig = submit_mod.jobs.submit
+    submit_mod.jobs.submit = lambda *a, **k: jobs.create_job(*a, **k)
+    try:
+        return submit_fn(settings, args)
+    finally:
+        submit_mod.jobs.submit = orig
+
+
 def run_invert_inline(settings, data: Path, model: Path, shards: int = 4, **kw) -> str:
     """A finished invert job, computed in this process (the test is the worker): fast set-up for later stages."""
     from workers.runner import run_shard
     from workers.tasks.invert import invert_work
 
-    orig = submit_mod.jobs.submit
-    submit_mod.jobs.submit = lambda st, kind, spec, n, items=(), lineage=(): jobs.create_job(
-        st, kind, spec, n, items, lineage)
-    try:
-        job_id = submit_mod.submit_invert(settings, invert_args(data, model, shards, **kw))
-    finally:
-        submit_mod.jobs.submit = orig
+    job_id = create_only(submit_mod.submit_invert, settings, invert_args(data, model, shards, **kw))
     for i in range(shards):
         run_shard(settings, job_id, i, invert_work)
     assert jobs.get_job(settings, job_id).state == "succeeded"

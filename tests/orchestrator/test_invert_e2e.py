@@ -23,10 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 def invert_args(data: Path, model: Path, shards: int = 16, **kw) -> argparse.Namespace:
-    base = dict(data=str(data), model=str(model), shards=shards, t=None, steps=None, size=64, batch_size=4,
-                preset="readme", split_seed=42, test_fraction=0.2, precision="auto", seed=0)
-    base.update(kw)
-    return argparse.Namespace(**base)
+    from tests.orchestrator.conftest import invert_args as base
+
+    return base(data, model, shards, **{"batch_size": 4, **kw})
 
 
 def _snapshot(settings, job_id):
@@ -66,21 +65,11 @@ def test_invert_16_shards_end_to_end(backend, tiny_sd, m3fd_small, tmp_path):
 
 
 def test_duplicate_and_rerun_shard_change_nothing(embedded, tiny_sd, m3fd_small):
+    from tests.orchestrator.conftest import create_only
     from workers.runner import run_shard
     from workers.tasks.invert import invert_work
 
-    job_id = jobs.create_job(embedded, "invert", {}, 1)  # placeholder to create the schema
-    job_id = jobs.create_job.__wrapped__ if False else None  # noqa: F841 (keep linters quiet)
-    args = invert_args(m3fd_small, tiny_sd, shards=4)
-    from orchestrator import submit as sub
-
-    # create the rows without publishing: the test process is the worker
-    orig = sub.jobs.submit
-    sub.jobs.submit = lambda st, kind, spec, n, items=(), lineage=(): jobs.create_job(st, kind, spec, n, items, lineage)
-    try:
-        job_id = submit_invert(embedded, args)
-    finally:
-        sub.jobs.submit = orig
+    job_id = create_only(submit_invert, embedded, invert_args(m3fd_small, tiny_sd, shards=4))
     for i in range(4):
         run_shard(embedded, job_id, i, invert_work)
     first = _snapshot(embedded, job_id)
@@ -97,7 +86,7 @@ def test_duplicate_and_rerun_shard_change_nothing(embedded, tiny_sd, m3fd_small)
     assert out["pairs"] == 5
     again = _snapshot(embedded, job_id)
     assert again[0] == first[0] and again[2] == first[2]
-    for x, y in zip(again[1], first[1]):
+    for x, y in zip(again[1], first[1], strict=False):
         assert x == y, (x, y)  # same rows, same bytes (sha256), same counters
 
 

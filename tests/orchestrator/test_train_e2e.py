@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from orchestrator import jobs, queries
-from orchestrator.demo import local_workers, stop_workers
+from orchestrator.demo import local_workers
 from orchestrator.submit import submit_train_translator
 from shared import constants as C
 from shared.db import session_scope

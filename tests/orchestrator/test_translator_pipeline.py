@@ -18,20 +18,12 @@ from orchestrator import jobs, queries
 from orchestrator import submit as submit_mod
 from shared import constants as C
 from shared.storage import Storage
-from tests.orchestrator.conftest import run_invert_inline
+from tests.orchestrator.conftest import create_only, run_invert_inline
 from workers.runner import run_shard
 
 pytestmark = pytest.mark.slow
 
 
-def _create_only(fn, settings, args):
-    orig = submit_mod.jobs.submit
-    submit_mod.jobs.submit = lambda st, kind, spec, n, items=(), lineage=(): jobs.create_job(
-        st, kind, spec, n, items, lineage)
-    try:
-        return fn(settings, args)
-    finally:
-        submit_mod.jobs.submit = orig
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +44,7 @@ def test_trained_translator_beats_baseline_and_metrics_are_exact(embedded, tiny_
     targs = argparse.Namespace(latents=inv, preset="readme", epochs=60, lr=3e-3, weight_decay=0.0, batch_size=4,
                                gpus=2, base_channels=16, depth=2, amp=False, checkpoint_every=0, max_steps=None,
                                log_every=50, seed=0)
-    train_id = _create_only(submit_mod.submit_train_translator, s, targs)
+    train_id = create_only(submit_mod.submit_train_translator, s, targs)
     out = run_shard(s, train_id, 0, train_work)
     assert jobs.get_job(s, train_id).state == "succeeded", out
     tm = queries.summary_metrics(s, train_id)
@@ -61,7 +53,7 @@ def test_trained_translator_beats_baseline_and_metrics_are_exact(embedded, tiny_
     ckpt = int(tm["final_checkpoint_id"])
 
     eargs = argparse.Namespace(checkpoint=ckpt, shards=2, batch_size=4)
-    eval_id = _create_only(submit_mod.submit_eval_translator, s, eargs)
+    eval_id = create_only(submit_mod.submit_eval_translator, s, eargs)
     for i in range(2):
         run_shard(s, eval_id, i, eval_translator_work)
     job = jobs.get_job(s, eval_id)

@@ -25,7 +25,8 @@ def test_malformed_and_pickle_messages(embedded, tiny_sd, m3fd_small, tmp_path):
     s = embedded
     app = get_app(s)
     target = jobs.create_job(s, "invert", {"never": "run"}, 1)  # rows only: nothing published for it
-    with local_workers(s, 1, "gpu,cpu", tmp_path / "logs"):
+    beat = tmp_path / "run" / "heartbeat"
+    with local_workers(s, 1, "gpu,cpu", tmp_path / "logs", env={"ORCH_HEARTBEAT_FILE": str(beat)}):
         bad = [
             {"kwargs": {"job_id": 5, "shard_index": "x"}},
             {"kwargs": {}},
@@ -50,6 +51,7 @@ def test_malformed_and_pickle_messages(embedded, tiny_sd, m3fd_small, tmp_path):
                 break
             time.sleep(0.5)
     assert job.state == "succeeded"  # the worker survived every bad message
+    assert beat.exists()  # the worker main process touches the health-check file
     reasons = " | ".join(r for _, r in rejected)
     assert len(rejected) == 6, reasons
     for needle in ("job_id must be", "missing field", "unknown shard", "unexpected arguments", "unknown task name"):

@@ -81,7 +81,10 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
     tensors = {k: torch.cat(v).contiguous() for k, v in chunks.items()}
     seconds = time.perf_counter() - t0
     pair_ids = [pid for pid, _, _ in kept]
-    meta = {"job_id": ctx.job_id, "shard": str(ctx.index), "pair_ids": json.dumps(pair_ids), "t": str(cfg.t_end)}
+    # one metadata key: safetensors writes a multi-key metadata map in hash order, which would make a re-run's bytes
+    # (and so its sha256) differ from the first run's
+    meta = {"orchestrator": json.dumps({"job_id": ctx.job_id, "shard": ctx.index, "pair_ids": pair_ids,
+                                        "t": cfg.t_end}, sort_keys=True)}
     key = f"jobs/{ctx.job_id}/latents/shard-{ctx.index:05d}.safetensors"
     stored = ctx.storage.write(key, lambda p: save_file(tensors, str(p), metadata=meta))
 

@@ -1,0 +1,268 @@
+"""`orchestrator report`: self-contained HTML pages of real jobs, rendered in headless Chromium.
+
+The pipeline invert -> train-translator (torchrun, 1 process) -> eval-translator runs in-process on the tiny fixtures;
+the NCSN pages use a sample job and an eval-fid job recorded with the real recording helpers (real MNIST digits as
+the samples), since training an NCSN here would cost a minute. Chromium checks that every image decodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator import jobs, queries
+from orchestrator import report as rp
+from orchestrator import submit as submit_mod
+from shared import constants as C
+from tests.conftest import CI, embedded_settings
+from tests.orchestrator.conftest import invert_args
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage"]
+
+#: Appended to a copy of a page: once everything loaded, count the images that really decoded and the charts.
+CHECK_JS = """<script>window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const d = document.createElement("pre"); d.id = "page-check";
+  d.textContent = JSON.stringify({images: imgs.length,
+    decoded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
+    svgs: document.querySelectorAll("svg").length, polylines: document.querySelectorAll("polyline").length,
+    text: document.body.innerText.length});
+  document.body.appendChild(d);
+});</script>"""
+
+
+def chromium_path() -> str:
+    """Debian's chromium; skip without it, fail when CI is set (.ci/run installs it)."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        msg = "chromium not installed (apt-get install -y chromium)"
+        if CI:
+            pytest.fail(f"{msg}, and CI is set: the browser tests must run in CI")
+        pytest.skip(msg)
+    return path
+
+
+def run_chromium(url: str, tmp: Path, *, screenshot: Path | None = None, dump_dom: bool = False,
+                 window: str = "1280,900", timeout: float = 90.0) -> str:
+    """Load `url` in a fresh headless Chromium profile; return the serialised DOM (dump_dom) or ''."""
+    exe = chromium_path()
+    profile = tmp / f"chromium-profile-{uuid.uuid4().hex[:8]}"
+    args = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={window}",
+            "--virtual-time-budget=5000"]
+    if screenshot is not None:
+        args.append(f"--screenshot={screenshot}")
+    if dump_dom:
+        args.append("--dump-dom")
+    env = {**os.environ, "HOME": str(tmp)}  # chromium writes caches under HOME
+    try:
+        out = subprocess.run([*args, url], capture_output=True, text=True, timeout=timeout, env=env)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    if screenshot is not None:
+        assert screenshot.is_file() and screenshot.stat().st_size > 1000, out.stderr[-2000:]
+    return out.stdout
+
+
+def check_page(html_path: Path, tmp: Path) -> dict:
+    """Render a copy of the page with CHECK_JS in Chromium and return its counts."""
+    probe = tmp / f"probe-{html_path.name}"
+    probe.write_text(html_path.read_text().replace("</body>", CHECK_JS + "</body>"))
+    dom = run_chromium(probe.as_uri(), tmp, dump_dom=True)
+    m = re.search(r'<pre id="page-check">([^<]*)</pre>', dom)
+    assert m, dom[-2000:]
+    return json.loads(m.group(1).replace("&quot;", '"'))
+
+
+def screenshot_is_not_blank(png: Path) -> None:
+    import cv2
+
+    img = cv2.imread(str(png))
+    assert img is not None and img.std() > 5.0  # a blank page would be one flat colour
+
+
+def _create_only(fn, settings, args):
+    orig = submit_mod.jobs.submit
+    submit_mod.jobs.submit = lambda st, kind, spec, n, *rows: jobs.create_job(st, kind, spec, n, *rows)
+    try:
+        return fn(settings, args)
+    finally:
+        submit_mod.jobs.submit = orig
+
+
+def _record_ncsn_jobs(s) -> tuple[str, str]:
+    """A finished sample job (2 shards of real MNIST digits as samples) and an eval-fid job that consumed it."""
+    from shared.storage import Storage
+    from workers import bookkeeping as bk
+    from workers.ml.mnist import load_mnist
+    from workers.recording import record_artifact, record_metrics
+    from workers.tasks.ncsn import GRID_SAMPLES, digits_grid_png
+
+    digits, _ = load_mnist("mnist:embedded", "test")
+    storage = Storage(s.storage)
+    sample_id = jobs.create_job(s, C.KIND_SAMPLE, {"n": 128, "shards": 2, "seed": 3, "checkpoint_id": 1,
+                                                   "train_job": "train-x"}, 2,
+                                lineage=[("checkpoint", "1", "score-model")])
+    for i in range(2):
+        owner = bk.make_owner()
+        assert bk.claim_shard(s, sample_id, i, owner).ok
+        grid = storage.write_bytes(f"jobs/{sample_id}/samples/shard-{i:05d}.png",
+                                   digits_grid_png(digits[i * 64 : i * 64 + GRID_SAMPLES]))
+        assert bk.complete_shard(s, sample_id, i, owner,
+                                 lambda ss, g=grid, k=i: record_artifact(ss, sample_id, k, C.ARTIFACT_IMAGE, g,
+                                                                         {"what": "sample grid"}),
+                                 {"n": 64, "seconds": 0.5})
+    fid_id = jobs.create_job(s, C.KIND_EVAL_FID, {"samples": sample_id, "reference": "mnist:embedded",
+                                                  "reference_split": "test", "n_fake": 128,
+                                                  "features": "mnist-classifier",
+                                                  "feature_extractor": "mnist-classifier (checkpoint 2)"}, 1,
+                             lineage=[("job", sample_id, "samples"), ("data", "mnist:embedded", "reference")])
+    owner = bk.make_owner()
+    assert bk.claim_shard(s, fid_id, 0, owner).ok
+    values = {"fid": 12.5, "is_mean": 8.25, "is_std": 0.5, "n_real": 1000.0, "n_fake": 128.0}
+    assert bk.complete_shard(s, fid_id, 0, owner, lambda ss: record_metrics(ss, fid_id, values),
+                             {**values, "feature_extractor": "mnist-classifier (checkpoint 2)"})
+    return sample_id, fid_id
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_sd, m3fd_small):
+    """invert (4 shards) -> train-translator -> eval-translator (2 shards), plus sample -> eval-fid."""
+    from workers.runner import run_shard
+    from workers.tasks.evaluate import eval_translator_work
+    from workers.tasks.invert import invert_work
+    from workers.tasks.train import train_work
+
+    s = embedded_settings(tmp_path_factory.mktemp("report") / "orch")
+    s.ensure_local_folders()
+    inv = _create_only(submit_mod.submit_invert, s, invert_args(m3fd_small, tiny_sd, shards=4))
+    for i in range(4):  # this process is the worker
+        run_shard(s, inv, i, invert_work)
+    assert jobs.get_job(s, inv).state == "succeeded"
+    targs = argparse.Namespace(latents=inv, preset="readme", epochs=4, lr=3e-3, weight_decay=0.0, batch_size=4,
+                               gpus=1, base_channels=8, depth=2, amp=False, checkpoint_every=0, max_steps=None,
+                               log_every=1, seed=0)
+    train = _create_only(submit_mod.submit_train_translator, s, targs)
+    run_shard(s, train, 0, train_work)
+    assert jobs.get_job(s, train).state == "succeeded"
+    ckpt = int(queries.summary_metrics(s, train)["final_checkpoint_id"])
+    ev = _create_only(submit_mod.submit_eval_translator, s, argparse.Namespace(checkpoint=ckpt, shards=2,
+                                                                               batch_size=4))
+    for i in range(2):
+        run_shard(s, ev, i, eval_translator_work)
+    assert jobs.get_job(s, ev).state == "succeeded"
+    sample, fid = _record_ncsn_jobs(s)
+    return {"settings": s, "invert": inv, "train": train, "eval": ev, "sample": sample, "fid": fid}
+
+
+def test_invert_report_shows_latents_decodes_timings_and_renders(pipeline, tmp_path):
+    s, inv = pipeline["settings"], pipeline["invert"]
+    out = rp.write_report(s, inv, tmp_path / "invert.html", examples=3)
+    page = out.read_text()
+    # self-contained: every image is a data URI, nothing is fetched (the only URL is the SVG namespace)
+    assert re.findall(r'(?:src|href)="(?!data:|#)', page) == []
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
+    assert "<script" not in page
+    # 3 pairs x (RGB, IR) x (input, z_0, z_t, decode z_0, decode z_t)
+    assert page.count('src="data:image/png;base64,') == 3 * 2 * 5
+    assert "VAE decodes skipped" not in page
+    assert "Shard durations per worker" in page and page.count('class="ok"') + page.count('class="slow"') == 4
+    assert "Used by" in page and pipeline["train"] in page and pipeline["eval"] in page  # lineage downstream
+    counts = check_page(out, tmp_path)
+    assert counts["images"] == counts["decoded"] == 30, counts
+    assert counts["svgs"] >= 1
+    shot = tmp_path / "report-invert.png"
+    run_chromium(out.as_uri(), tmp_path, screenshot=shot, window="1280,2000")
+    screenshot_is_not_blank(shot)
+
+
+def test_training_and_evaluation_reports(pipeline, tmp_path):
+    s = pipeline["settings"]
+    train = rp.write_report(s, pipeline["train"], tmp_path / "train.html")
+    page = train.read_text()
+    loss = queries.metric_history(s, pipeline["train"], "loss")
+    assert len(loss) >= 4
+    # the loss curve: one polyline whose points are the logged steps (the metrics section and the picture)
+    curves = re.findall(r'<polyline points="([^"]+)"', page)
+    assert curves and any(len(c.split()) == len(loss) for c in curves)
+    assert "Checkpoints" in page and pipeline["invert"] in page  # lineage: trained on the invert job's latents
+    counts = check_page(train, tmp_path)
+    assert counts["polylines"] >= 2 and counts["images"] == counts["decoded"]
+
+    ev = rp.write_report(s, pipeline["eval"], tmp_path / "eval.html")
+    page = ev.read_text()
+    assert "RGB | predicted IR | real IR" in page
+    assert "PSNR per test pair (translator)" in page and "SSIM per test pair (identity baseline)" in page
+    m = queries.summary_metrics(s, pipeline["eval"])
+    assert f"PSNR {m['psnr']:.4g} dB" in page  # the sentence of what it did quotes the recorded summary
+    counts = check_page(ev, tmp_path)
+    assert counts["images"] >= 1 and counts["decoded"] == counts["images"], counts
+    run_chromium(ev.as_uri(), tmp_path, screenshot=tmp_path / "report-eval.png", window="1280,1800")
+    screenshot_is_not_blank(tmp_path / "report-eval.png")
+
+
+def test_ncsn_reports_show_sample_grids_and_fid_table(pipeline, tmp_path):
+    s = pipeline["settings"]
+    sample = rp.write_report(s, pipeline["sample"], tmp_path / "sample.html")
+    assert sample.read_text().count("<figcaption>sample grid (shard") == 2
+    fid = rp.write_report(s, pipeline["fid"], tmp_path / "fid.html")
+    page = fid.read_text()
+    assert "<h3>FID and IS</h3>" in page and "<td>12.5</td>" in page and "8.25 +/- 0.5" in page
+    assert "mnist-classifier (checkpoint 2)" in page
+    assert f"Samples (job {pipeline['sample']})" in page  # grids come from the sample job named in the lineage
+    for path in (sample, fid):
+        counts = check_page(path, tmp_path)
+        assert counts["images"] == counts["decoded"] >= 2, counts
+
+
+def test_report_cli_writes_the_file_and_rejects_unknown_jobs(pipeline, tmp_path, monkeypatch, capsys):
+    from orchestrator.cli import main
+
+    s = pipeline["settings"]
+    monkeypatch.setenv("ORCH_HOME", str(s.home))
+    for var in ("ORCH_BROKER_URL", "ORCH_DATABASE_URL", "ORCH_STORAGE"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "r.html"
+    assert main(["report", pipeline["fid"], "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["report"] == str(out.resolve()) and printed["bytes"] == out.stat().st_size > 1000
+    assert main(["report", "nope-123"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no job 'nope-123'") and "\n" not in err
+
+
+def test_stragglers_are_the_shards_far_above_the_median():
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    durations = [2.0, 2.1, 1.9, 2.2, 9.0, 2.0]
+    shards = [{"index": i, "worker": f"w{i % 2}", "state": "done", "attempts": 1,
+               "started_at": (t0 + timedelta(seconds=i)).isoformat(),
+               "finished_at": (t0 + timedelta(seconds=i + d)).isoformat()} for i, d in enumerate(durations)]
+    data = rp.ReportData({"started_at": t0.isoformat(), "created_at": t0.isoformat()}, shards, {}, {}, {}, [], [],
+                         [], [])
+    t = rp.shard_timings(data)
+    assert [r["index"] for r in t["rows"] if r["straggler"]] == [4]
+    assert t["median"] == pytest.approx(2.05) and t["max"] == pytest.approx(9.0)
+    svg = rp.svg_gantt([{"worker": r["worker"], "start": r["start"], "end": r["end"], "short": str(r["index"]),
+                         "label": f"shard {r['index']}", "cls": "slow" if r["straggler"] else "ok"}
+                        for r in t["rows"]], "g")
+    assert svg.count('class="slow"') == 1 and svg.count('class="ok"') == 5
+
+
+def test_latent_tile_and_ticks():
+    z = np.stack([np.full((4, 5), k, np.float32) + np.arange(20, dtype=np.float32).reshape(4, 5)
+                  for k in range(4)])
+    tile = rp.latent_tile(z)
+    assert tile.shape == (8, 10) and tile.dtype == np.uint8 and tile.min() == 0 and tile.max() == 255
+    assert rp.nice_ticks(0, 10) == [0, 2, 4, 6, 8, 10]
+    assert rp.nice_ticks(0.13, 0.61, 4) == [0.2, 0.4, 0.6]
