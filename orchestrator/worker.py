@@ -58,6 +58,26 @@ def check_queues(queues: str) -> str:
     return ",".join(names)
 
 
+def plan_workers(queues: str, gpus: str | None = None, processes: int = 1,
+                 hostname: str | None = None) -> list[tuple[str, dict[str, str]]]:
+    """(Celery node name, extra environment) of each worker process to start.
+
+    A GPU worker gets one process per GPU, each pinned with CUDA_VISIBLE_DEVICES (set in the child's environment,
+    so it is in place before torch initialises CUDA). A training worker (queue `train`) owns all its GPUs in one
+    process: its task launches torchrun over them. Without GPUs, `processes` CPU processes.
+    """
+    queues = check_queues(queues)
+    gpu_ids = parse_gpus(gpus)
+    base = hostname or f"worker-{os.getpid()}@{socket.gethostname()}"
+    name, _, host = base.partition("@")
+    host = host or socket.gethostname()
+    if gpu_ids and "train" in queues.split(","):
+        return [(f"{name}@{host}", {"CUDA_VISIBLE_DEVICES": ",".join(gpu_ids), "ORCH_TRAIN_GPUS": str(len(gpu_ids))})]
+    if gpu_ids:
+        return [(f"{name}-gpu{g}@{host}", {"CUDA_VISIBLE_DEVICES": g}) for g in gpu_ids]
+    return [(f"{name}{f'-{i}' if processes > 1 else ''}@{host}", {}) for i in range(processes)]
+
+
 def run_workers(
     queues: str,
     gpus: str | None = None,
@@ -69,24 +89,8 @@ def run_workers(
     max_memory_per_child: int | None = None,
     max_tasks_per_child: int | None = None,
 ) -> int:
+    specs = plan_workers(queues, gpus, processes, hostname)
     queues = check_queues(queues)
-    gpu_ids = parse_gpus(gpus)
-    base = hostname or f"worker-{os.getpid()}@{socket.gethostname()}"
-    specs: list[tuple[str, dict[str, str]]] = []
-    train = "train" in queues.split(",")
-    if gpu_ids and train:
-        # a training worker owns all its GPUs: the task launches torchrun over them
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(gpu_ids), "ORCH_TRAIN_GPUS": str(len(gpu_ids))}
-        specs.append((base, env))
-    elif gpu_ids:
-        for g in gpu_ids:
-            name, _, host = base.partition("@")
-            specs.append((f"{name}-gpu{g}@{host or socket.gethostname()}", {"CUDA_VISIBLE_DEVICES": g}))
-    else:
-        for i in range(processes):
-            name, _, host = base.partition("@")
-            suffix = f"-{i}" if processes > 1 else ""
-            specs.append((f"{name}{suffix}@{host or socket.gethostname()}", {}))
     argvs = [celery_argv(queues, n, concurrency, loglevel, pool, max_memory_per_child, max_tasks_per_child)
              for n, _ in specs]
     if len(specs) == 1:
