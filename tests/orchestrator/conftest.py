@@ -45,3 +45,13 @@ def fast_lease(tmp_path):
     s = embedded_settings(tmp_path / "orch", lease_seconds=4.0)
     s.ensure_local_folders()
     return s
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """ORCH_HOME for CLI tests that call `orchestrator.cli.main` in-process: the embedded default, no server URLs."""
+    h = tmp_path / "orch"
+    monkeypatch.setenv("ORCH_HOME", str(h))
+    for var in ("ORCH_BROKER_URL", "ORCH_DATABASE_URL", "ORCH_STORAGE"):
+        monkeypatch.delenv(var, raising=False)
+    return h

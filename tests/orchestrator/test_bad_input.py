@@ -20,15 +20,6 @@ from shared.models import Item, Job, Rejection, Shard
 from tests.conftest import embedded_settings
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    h = tmp_path / "orch"
-    monkeypatch.setenv("ORCH_HOME", str(h))
-    for var in ("ORCH_BROKER_URL", "ORCH_DATABASE_URL", "ORCH_STORAGE"):
-        monkeypatch.delenv(var, raising=False)
-    return h
-
-
 def n_rows(home: Path) -> int:
     s = embedded_settings(home)
     ensure_schema(s)

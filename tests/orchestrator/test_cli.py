@@ -15,15 +15,6 @@ from shared.errors import UserError
 from tests.conftest import embedded_settings
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    h = tmp_path / "orch"
-    monkeypatch.setenv("ORCH_HOME", str(h))
-    for var in ("ORCH_BROKER_URL", "ORCH_DATABASE_URL", "ORCH_STORAGE"):
-        monkeypatch.delenv(var, raising=False)
-    return h
-
-
 def run(capsys, argv) -> tuple[int, str]:
     rc = main(argv)
     return rc, capsys.readouterr().out

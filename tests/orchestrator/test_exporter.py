@@ -46,6 +46,7 @@ def test_filesystem_broker_counts_message_files(embedded):
     assert sum(name.endswith(".gpu.msg") for name in files) == 3
 
 
+@pytest.mark.server
 def test_redis_lengths_match_kombu_with_priorities_and_unacked(servers):
     _publish(servers)
     app = get_app(servers)

@@ -130,6 +130,8 @@ def flower_run(tmp_path_factory, pg_database, tiny_sd, m3fd_small):
                 proc.wait()
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_rest_api_lists_every_shard_task_with_job_shard_worker_runtime_and_result(flower_run):
     r = flower_run
     workers = api(r.base, "/api/workers?refresh=1")
@@ -153,6 +155,8 @@ def test_rest_api_lists_every_shard_task_with_job_shard_worker_runtime_and_resul
     assert seen == {0, 1, 2, 3}
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_api_is_closed_without_credentials_and_metrics_count_progress_events(flower_run):
     r = flower_run
     for auth in (None, (USER, "wrong")):
@@ -166,21 +170,23 @@ def test_api_is_closed_without_credentials_and_metrics_count_progress_events(flo
     assert progress and sum(float(ln.rsplit(" ", 1)[1]) for ln in progress) >= 4  # at least one per shard
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_dashboard_in_headless_chromium_shows_workers_and_tasks(flower_run):
     r = flower_run
     auth_base = r.base.replace("http://", f"http://{USER}:{PASSWORD}@")
     shots = {}
     for page, path in (("workers", "/workers"), ("tasks", "/tasks")):
         shot = r.tmp / f"flower-{page}.png"
-        run_chromium(auth_base + path, r.tmp, screenshot=shot)
+        dom = run_chromium(auth_base + path, r.tmp, screenshot=shot, dump_dom=True)
         screenshot_is_not_blank(shot)
         shots[page] = shot
-        dom = run_chromium(auth_base + path, r.tmp, dump_dom=True)
         if page == "workers":
             assert "local0@" in dom and "local1@" in dom and "Online" in dom
         else:
-            assert dom.count(">invert.shard<") == 4 and r.job_id in dom and "SUCCESS" in dom
-    task_id = next(iter(api(r.base, f"/api/tasks?taskname={C.TASK_INVERT_SHARD}")))
+            assert dom.count(">invert.shard<") == 4 and "SUCCESS" in dom
+            assert all(f"shard {i} of {r.job_id}" in dom for i in range(4))  # kwargs as Flower displays them
+    task_id = next(iter(api(r.base, f"/api/tasks?taskname={C.TASK_INVERT_SHARD}")))  # the API keeps raw kwargs
     dom = run_chromium(f"{auth_base}/task/{task_id}", r.tmp, dump_dom=True)
     assert "Progress" in dom and "pairs_per_s" in dom  # the task page lists the progress field
     print(f"Flower screenshots: {shots['workers']} {shots['tasks']}")
@@ -261,6 +267,14 @@ def test_flower_command_line_and_the_unauthenticated_api_switch(monkeypatch, tmp
     for bad in ("admin", ":pw", "admin:", "a:b,c"):
         with pytest.raises(UserError):
             fl.check_basic_auth(bad)
+    task = SimpleNamespace(kwargs="{'job_id': 'invert-1', 'shard_index': 12}", state="SUCCESS",
+                           result="{'job_id': 'invert-1', 'shard': 12, 'pairs': 5, 'device': 'cuda'}")
+    task = fl.format_task(task)
+    assert task.kwargs == "shard 12 of invert-1" and task.result == "pairs=5 device=cuda"
+    running = SimpleNamespace(kwargs="{'job_id': 'j', 'shard_index': 0}", state="PROGRESS", result="2/5 (40%)")
+    assert fl.format_task(running).result == "2/5 (40%)"
+    for raw in ("{'x': 1}", "<object at 0x1>"):
+        assert fl.format_task(SimpleNamespace(kwargs=raw, state="SUCCESS", result=None)).kwargs == raw
 
     seen = {}
 
@@ -275,3 +289,16 @@ def test_flower_command_line_and_the_unauthenticated_api_switch(monkeypatch, tmp
     assert seen["env"] is None  # an inherited "true" is not honoured without the flag
     assert fl.run_flower(settings, port=5599, unauthenticated_api=True) == 0
     assert seen["env"] == "true" and seen["argv"][1] == "--port=5599"
+
+
+def test_stopped_flower_leaves_no_event_queue_on_the_filesystem_broker(embedded):
+    """kombu's filesystem transport never auto-deletes a queue: a dead Flower's binding would collect every event."""
+    table = embedded.broker_folder / "control" / "celeryev.exchange"
+    table.write_text(json.dumps([["#", "^.*?$", "celeryev.old"], ["#", "^.*?$", "celeryev.mine"]]))
+    folder = embedded.broker_folder / "in"
+    for name in ("1_a.celeryev.mine.msg", "2_b.celeryev.mine.msg", "3_c.celeryev.old.msg", "4_d.gpu.msg"):
+        (folder / name).write_text("{}")
+    assert fl.event_queues(embedded) == {"celeryev.old", "celeryev.mine"}
+    fl.unbind_event_queues(embedded, {"celeryev.mine"})
+    assert json.loads(table.read_text()) == [["#", "^.*?$", "celeryev.old"]]
+    assert sorted(p.name for p in folder.iterdir()) == ["3_c.celeryev.old.msg", "4_d.gpu.msg"]

@@ -75,11 +75,11 @@ def run_chromium(url: str, tmp: Path, *, screenshot: Path | None = None, dump_do
     return out.stdout
 
 
-def check_page(html_path: Path, tmp: Path) -> dict:
-    """Render a copy of the page with CHECK_JS in Chromium and return its counts."""
+def check_page(html_path: Path, tmp: Path, screenshot: Path | None = None, window: str = "1280,900") -> dict:
+    """Render a copy of the page with CHECK_JS in Chromium (saving a screenshot if asked); return its counts."""
     probe = tmp / f"probe-{html_path.name}"
     probe.write_text(html_path.read_text().replace("</body>", CHECK_JS + "</body>"))
-    dom = run_chromium(probe.as_uri(), tmp, dump_dom=True)
+    dom = run_chromium(probe.as_uri(), tmp, dump_dom=True, screenshot=screenshot, window=window)
     m = re.search(r'<pre id="page-check">([^<]*)</pre>', dom)
     assert m, dom[-2000:]
     return json.loads(m.group(1).replace("&quot;", '"'))
@@ -166,6 +166,7 @@ def pipeline(tmp_path_factory, tiny_sd, m3fd_small):
     return {"settings": s, "invert": inv, "train": train, "eval": ev, "sample": sample, "fid": fid}
 
 
+@pytest.mark.slow
 def test_invert_report_shows_latents_decodes_timings_and_renders(pipeline, tmp_path):
     s, inv = pipeline["settings"], pipeline["invert"]
     out = rp.write_report(s, inv, tmp_path / "invert.html", examples=3)
@@ -179,14 +180,14 @@ def test_invert_report_shows_latents_decodes_timings_and_renders(pipeline, tmp_p
     assert "VAE decodes skipped" not in page
     assert "Shard durations per worker" in page and page.count('class="ok"') + page.count('class="slow"') == 4
     assert "Used by" in page and pipeline["train"] in page and pipeline["eval"] in page  # lineage downstream
-    counts = check_page(out, tmp_path)
+    shot = tmp_path / "report-invert.png"
+    counts = check_page(out, tmp_path, screenshot=shot, window="1280,2000")
     assert counts["images"] == counts["decoded"] == 30, counts
     assert counts["svgs"] >= 1
-    shot = tmp_path / "report-invert.png"
-    run_chromium(out.as_uri(), tmp_path, screenshot=shot, window="1280,2000")
     screenshot_is_not_blank(shot)
 
 
+@pytest.mark.slow
 def test_training_and_evaluation_reports(pipeline, tmp_path):
     s = pipeline["settings"]
     train = rp.write_report(s, pipeline["train"], tmp_path / "train.html")
@@ -206,12 +207,12 @@ def test_training_and_evaluation_reports(pipeline, tmp_path):
     assert "PSNR per test pair (translator)" in page and "SSIM per test pair (identity baseline)" in page
     m = queries.summary_metrics(s, pipeline["eval"])
     assert f"PSNR {m['psnr']:.4g} dB" in page  # the sentence of what it did quotes the recorded summary
-    counts = check_page(ev, tmp_path)
+    counts = check_page(ev, tmp_path, screenshot=tmp_path / "report-eval.png", window="1280,1800")
     assert counts["images"] >= 1 and counts["decoded"] == counts["images"], counts
-    run_chromium(ev.as_uri(), tmp_path, screenshot=tmp_path / "report-eval.png", window="1280,1800")
     screenshot_is_not_blank(tmp_path / "report-eval.png")
 
 
+@pytest.mark.slow
 def test_ncsn_reports_show_sample_grids_and_fid_table(pipeline, tmp_path):
     s = pipeline["settings"]
     sample = rp.write_report(s, pipeline["sample"], tmp_path / "sample.html")
@@ -226,6 +227,7 @@ def test_ncsn_reports_show_sample_grids_and_fid_table(pipeline, tmp_path):
         assert counts["images"] == counts["decoded"] >= 2, counts
 
 
+@pytest.mark.slow
 def test_report_cli_writes_the_file_and_rejects_unknown_jobs(pipeline, tmp_path, monkeypatch, capsys):
     from orchestrator.cli import main
 
