@@ -15,6 +15,12 @@ def _print(obj: Any) -> None:
     print(obj, flush=True)
 
 
+def _dumps(obj: Any) -> str:
+    from orchestrator.output import dumps
+
+    return dumps(obj)
+
+
 # -- submit -----------------------------------------------------------------------------------------------------------
 
 def cmd_submit(args, settings: Settings) -> int:
@@ -193,7 +199,7 @@ def cmd_results(args, settings: Settings) -> int:
     from orchestrator.output import dumps, table, write_csv
 
     rows = queries.results(settings, args.job, limit=args.limit, offset=args.offset)
-    if args.format == "json":
+    if args.json or args.format == "json":
         _print(dumps(rows))
     elif args.format == "csv":
         write_csv(rows)
@@ -221,7 +227,8 @@ def cmd_metrics(args, settings: Settings) -> int:
 def cmd_cancel(args, settings: Settings) -> int:
     from orchestrator import jobs
 
-    _print(f"{args.job}: {jobs.cancel(settings, args.job)}")
+    state = jobs.cancel(settings, args.job)
+    _print(_dumps({"job_id": args.job, "state": state}) if args.json else f"{args.job}: {state}")
     return C.EXIT_OK
 
 
@@ -229,7 +236,8 @@ def cmd_resume(args, settings: Settings) -> int:
     from orchestrator import jobs
 
     n = jobs.resume(settings, args.job)
-    _print(f"{args.job}: re-enqueued {n} unfinished shard(s)")
+    _print(_dumps({"job_id": args.job, "enqueued": n}) if args.json else
+           f"{args.job}: re-enqueued {n} unfinished shard(s)")
     return C.EXIT_OK
 
 
@@ -239,7 +247,7 @@ def cmd_retry(args, settings: Settings) -> int:
     if not args.failed:
         raise UserError("say which shards to retry: `orchestrator retry JOB --failed`")
     n = jobs.resume(settings, args.job, failed_only=True)
-    _print(f"{args.job}: re-enqueued {n} failed shard(s)")
+    _print(_dumps({"job_id": args.job, "enqueued": n}) if args.json else f"{args.job}: re-enqueued {n} failed shard(s)")
     return C.EXIT_OK
 
 
@@ -335,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["table", "json", "csv"], default="table")
     s.add_argument("--limit", type=int, default=None)
     s.add_argument("--offset", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="same as --format json")
 
     s = sub.add_parser("metrics", help="a job's summary metrics as {name: value}")
     s.add_argument("job")
@@ -342,11 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("cancel", help="cancel a job (running training saves a checkpoint first)")
     s.add_argument("job")
+    s.add_argument("--json", action="store_true")
     s = sub.add_parser("resume", help="re-enqueue only the unfinished shards of a job")
     s.add_argument("job")
+    s.add_argument("--json", action="store_true")
     s = sub.add_parser("retry", help="re-enqueue the failed shards of a job")
     s.add_argument("job")
     s.add_argument("--failed", action="store_true")
+    s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("reap", help="re-enqueue shards with expired leases and jobs orphaned before publishing")
     s.add_argument("--stale-after", type=float, default=30.0, help="seconds a job may stay queued unpublished")

@@ -162,7 +162,7 @@ def db_gauges(settings: Settings) -> tuple[dict[str, int], dict[str, int]]:
 
 def _one_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    return f"{type(e).__name__}: {text[0].rstrip('.') if text else ''}"
 
 
 def collect(settings: Settings, queues: Sequence[str] = C.QUEUES, db: bool = True) -> Snapshot:

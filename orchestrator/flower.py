@@ -3,22 +3,29 @@
 What Flower shows and why:
 - Tasks by their readable names (`invert.shard`, `train.run`, ...) with kwargs `{'job_id': ..., 'shard_index': ...}`
   (messages carry nothing else), their worker, runtime and result: the dict `run_shard` returns (pairs, seconds,
-  device, ...), which the worker's `task-succeeded` event carries without any result backend.
+  device, ...), which the worker's `task-succeeded` event carries without any result backend. The pages show them
+  compactly (`shard 3 of invert-...`, `pairs=5 seconds=1.25 ...`, see `format_task`); the REST API keeps raw values.
 - Progress while a task runs: `ShardContext.progress` sends a custom `task-progress` event. Celery's event state
   (celery/events/state.py, `Task.event`) turns an unknown `task-*` event into a custom state named after it
   (`PROGRESS`) and merges the event's fields into the task; ours are `result` (a one-line summary: done/total,
   epoch, loss, rate) and `progress` (the numbers). A stock Flower shows the state and the summary; the Flower started
   here also lists `progress` among the task's fields (REST API and task page) and ignores a progress event that
   arrives after the task ended, so it can never overwrite the final result.
+- With the embedded filesystem broker, kombu cannot auto-delete Flower's event queue: its binding would outlive
+  Flower and every later worker event would pile up as a file. The binding and its files are removed when Flower
+  stops.
 - The REST API stays closed without credentials: Flower refuses API calls unless basic auth (or OAuth) is on or
   FLOWER_UNAUTHENTICATED_API is true, and this command only lets that variable through with --unauthenticated-api.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from shared.errors import UserError
 from shared.settings import Settings
@@ -26,7 +33,7 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 #: Columns of Flower's tasks page: kwargs hold the job id and shard index, result the summary or progress.
-TASK_COLUMNS = "name,uuid,state,kwargs,result,received,started,runtime,worker"
+TASK_COLUMNS = "name,state,kwargs,worker,runtime,result,received,started,uuid"
 #: The custom state a `task-progress` event gives a running task.
 PROGRESS_STATE = "PROGRESS"
 #: Flower's switch for serving its REST API without credentials.
@@ -53,6 +60,28 @@ def flower_argv(port: int, address: str = "", basic_auth: str | None = None, url
     if url_prefix:
         argv.append(f"--url_prefix={url_prefix}")
     return argv + list(extra)
+
+
+def _literal(value):
+    try:
+        return ast.literal_eval(value) if isinstance(value, str) else value
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+
+
+def format_task(task):
+    """Flower's display hook (tasks page, task page); the REST API keeps the raw values.
+
+    kwargs `{'job_id': J, 'shard_index': i}` read `shard i of J` (the shard first, so a narrow column still shows
+    it), and a finished shard's result dict reads `pairs=5 seconds=1.25 ...` without the job and shard it repeats.
+    """
+    kw = _literal(task.kwargs)
+    if isinstance(kw, dict) and {"job_id", "shard_index"} <= kw.keys():
+        task.kwargs = f"shard {kw['shard_index']} of {kw['job_id']}"
+        result = _literal(task.result) if task.state == "SUCCESS" else None
+        if isinstance(result, dict) and result.get("job_id") == kw["job_id"]:
+            task.result = " ".join(f"{k}={v}" for k, v in result.items() if k not in ("job_id", "shard"))
+    return task
 
 
 def install_progress_state() -> None:
@@ -85,6 +114,49 @@ def install_progress_state() -> None:
     EventsState.Task = ProgressTask
 
 
+def _event_table(settings: Settings) -> Path:
+    return settings.broker_folder / "control" / "celeryev.exchange"
+
+
+def event_queues(settings: Settings) -> set[str]:
+    """Queues bound to the `celeryev` exchange of the embedded filesystem broker (empty for other brokers)."""
+    if not settings.embedded_broker:
+        return set()
+    try:
+        return {row[2] for row in json.loads(_event_table(settings).read_text() or "[]")}
+    except (OSError, ValueError, IndexError, TypeError):
+        return set()
+
+
+def unbind_event_queues(settings: Settings, queues: set[str]) -> None:
+    """Remove `queues` from the filesystem broker's `celeryev` exchange table and delete their waiting messages.
+
+    The table is a JSON list of [routing key, pattern, queue] that kombu rewrites under an exclusive lock; the same
+    lock is taken here so a worker publishing at that moment never reads half a file.
+    """
+    import fcntl
+
+    if not queues or not settings.embedded_broker:
+        return
+    try:
+        with open(_event_table(settings), "r+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                table = json.loads(f.read() or b"[]")
+                keep = [row for row in table if row[2] not in queues]
+                f.seek(0)
+                f.truncate()
+                f.write(json.dumps(keep).encode())
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    except FileNotFoundError:
+        pass
+    folder = settings.broker_folder / "in"
+    for q in queues:
+        for p in folder.glob(f"*.{q}.msg"):
+            p.unlink(missing_ok=True)
+
+
 def run_flower(settings: Settings, port: int = 5555, address: str = "", basic_auth: str | None = None,
                unauthenticated_api: bool = False, url_prefix: str | None = None, extra: Sequence[str] = ()) -> int:
     """Run Flower in this process until SIGTERM/SIGINT; returns the exit status.
@@ -103,6 +175,13 @@ def run_flower(settings: Settings, port: int = 5555, address: str = "", basic_au
     if not (basic_auth or os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH")):
         log.warning("Flower runs without authentication: its REST API answers 401 unless --basic-auth is given")
     install_progress_state()
+    from flower.options import options as flower_options
+
+    flower_options.format_task = format_task
     app = make_app(settings)
-    code = app.start(flower_argv(port, address, basic_auth, url_prefix, extra))
+    before = event_queues(settings)
+    try:
+        code = app.start(flower_argv(port, address, basic_auth, url_prefix, extra))
+    finally:
+        unbind_event_queues(settings, event_queues(settings) - before)
     return int(code or 0)

@@ -47,14 +47,34 @@ class ShardContext:
     task: Any = None
 
     def progress(self, done: int, total: int, **extra: Any) -> None:
-        """Report progress to the DB (with the next heartbeat) and to Flower (a custom task state)."""
+        """Report progress to the DB (with the next heartbeat) and to Flower (the custom task state PROGRESS).
+
+        `done`/`total` count the shard's units (pairs, samples, training steps); `extra` adds what a person watches
+        (epoch, loss, samples_per_s). Flower gets a `task-progress` event rather than `update_state`, which needs a
+        result backend (there is none: results live in the DB). Celery's event state turns an unknown task-* event
+        into a custom state named after it and keeps the event's fields: `progress` holds the numbers and `result`
+        a one-line summary, because `result` is a field every Flower lists. Events go out at most once a second
+        (the last one always), never retry, and never fail the shard: monitoring must not stop work.
+        """
+        import time
+
         meta = {"job_id": self.job_id, "shard": self.index, "done": done, "total": total, **extra}
         self.heartbeat.progress(**meta)
-        if self.task is not None and getattr(self.task.request, "id", None):
-            try:
-                self.task.update_state(state="PROGRESS", meta=meta)
-            except Exception:  # no result backend: the state still travels as an event where supported
-                pass
+        if self.task is None or not getattr(getattr(self.task, "request", None), "id", None):
+            return
+        now = time.monotonic()
+        last = self.__dict__.get("_progress_event_at")
+        if last is not None and now - last < 1.0 and not (total and done >= total):
+            return
+        self.__dict__["_progress_event_at"] = now
+        parts = [f"{done}/{total}" + (f" ({100.0 * done / total:.0f}%)" if total else "")]
+        for key, value in extra.items():
+            if value is not None:
+                parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+        try:
+            self.task.send_event("task-progress", retry=False, progress=meta, result=" ".join(parts))
+        except Exception as e:  # a broker hiccup costs one progress update, nothing more
+            log.debug("progress event of shard %s/%s not sent: %s", self.job_id, self.index, e)
 
     def check(self) -> None:
         self.heartbeat.check()
