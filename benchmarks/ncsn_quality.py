@@ -29,10 +29,10 @@ import torch  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1500, help="NCSN optimizer steps (batch 128)")
+    p.add_argument("--steps", type=int, default=800, help="NCSN optimizer steps (batch 128)")
     p.add_argument("--n", type=int, default=1000, help="digits to sample")
     p.add_argument("--steps-each", type=int, default=30, help="Langevin steps per noise level")
-    p.add_argument("--base-channels", type=int, default=32)
+    p.add_argument("--base-channels", type=int, default=16)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:

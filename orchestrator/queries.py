@@ -108,17 +108,28 @@ def results(settings: Settings, job_id: str, limit: int | None = None, offset: i
                 {"checkpoint_id": c, "step": st, "epoch": ep, "reason": r, "artifact": u, "sha256": h, "bytes": b}
                 for c, st, ep, r, u, h, b in s.execute(q).all()
             ]
-        per_item = s.execute(
-            select(Metric.item, Metric.name, Metric.value)
-            .where(Metric.job_id == job_id, Metric.item != C.NO_ITEM)
-            .order_by(Metric.item, Metric.name)
-        ).all()
-        if per_item:
+        # per-item metrics (evaluations): a page of items in SQL, then their metrics (ix_metrics_job_step_item)
+        has_items = s.execute(
+            select(Metric.id).where(Metric.job_id == job_id, Metric.step == C.SUMMARY_STEP, Metric.item > C.NO_ITEM)
+            .limit(1)
+        ).first()
+        if has_items:
+            page = (
+                select(Metric.item)
+                .where(Metric.job_id == job_id, Metric.step == C.SUMMARY_STEP, Metric.item > C.NO_ITEM)
+                .group_by(Metric.item).order_by(Metric.item).offset(offset)
+            )
+            if limit:
+                page = page.limit(limit)
+            page = page.subquery()
             rows: dict[str, dict[str, Any]] = {}
-            for item, name, value in per_item:
+            for item, name, value in s.execute(
+                select(Metric.item, Metric.name, Metric.value)
+                .where(Metric.job_id == job_id, Metric.step == C.SUMMARY_STEP, Metric.item.in_(select(page.c.item)))
+                .order_by(Metric.item, Metric.name)
+            ).all():
                 rows.setdefault(item, {"item": item})[name] = value
-            out = list(rows.values())
-            return out[offset : offset + limit] if limit else out[offset:]
+            return list(rows.values())
         q = select(Artifact.id, Artifact.kind, Artifact.shard_index, Artifact.uri, Artifact.sha256, Artifact.bytes).where(
             Artifact.job_id == job_id
         ).order_by(Artifact.shard_index, Artifact.id)

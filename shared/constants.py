@@ -16,6 +16,7 @@ TASK_EVAL_TRANSLATOR_SHARD = "eval_translator.shard"
 TASK_SAMPLE_SHARD = "sample.shard"
 TASK_EVAL_FID = "eval_fid.run"
 TASK_REAP = "maintenance.reap"
+TASK_BENCH_SHARD = "bench.shard"
 
 # -- Job kinds --------------------------------------------------------------------------------------------------------
 KIND_INVERT = "invert"
@@ -25,6 +26,7 @@ KIND_TRAIN_NCSN = "train-ncsn"
 KIND_TRAIN_CLASSIFIER = "train-classifier"
 KIND_SAMPLE = "sample"
 KIND_EVAL_FID = "eval-fid"
+KIND_BENCH = "bench"  # benchmarks/overhead.py: a fixed CPU kernel per shard
 JOB_KINDS = (
     KIND_INVERT,
     KIND_TRAIN_TRANSLATOR,
@@ -77,4 +79,5 @@ TASK_FOR_KIND = {
     KIND_EVAL_TRANSLATOR: TASK_EVAL_TRANSLATOR_SHARD,
     KIND_SAMPLE: TASK_SAMPLE_SHARD,
     KIND_EVAL_FID: TASK_EVAL_FID,
+    KIND_BENCH: TASK_BENCH_SHARD,
 }

@@ -150,7 +150,11 @@ class Metric(Base):
     item: Mapped[str] = mapped_column(String(255), default="")
     shard_index: Mapped[int | None] = mapped_column(Integer, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    __table_args__ = (UniqueConstraint("job_id", "name", "step", "item", name="uq_metrics_key"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "name", "step", "item", name="uq_metrics_key"),
+        # a job's summary (step -1, item '') and its per-item values (step -1, item > '') in item order
+        Index("ix_metrics_job_step_item", "job_id", "step", "item", "name"),
+    )
 
 
 class Checkpoint(Base):

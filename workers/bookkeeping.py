@@ -11,17 +11,20 @@ This module knows the DB and nothing of Celery, so the fault tests can drive it 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
 import threading
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import JSON, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared import constants as C
@@ -63,8 +66,124 @@ class Claim:
     retry_in: float | None = None
 
 
+# -- the hot path's statements ------------------------------------------------------------------------------------------
+# Built once and executed on the session's connection with bound parameters: a shard's claim and completion are
+# four statements in two transactions, and building ORM statements anew for each costs more CPU than running them.
+
+_shards, _jobs = Shard.__table__, Job.__table__
+_TS = _shards.c.started_at.type
+
+
+def _p(name: str, type_=None):
+    return bindparam(name, type_=type_)
+
+
+#: Take the lease of a claimable shard (pending or queued, or running under no/our/an expired lease) of a live job.
+_TAKE = (
+    _shards.update()
+    .where(
+        _shards.c.job_id == _p("p_job"),
+        _shards.c.index == _p("p_index"),
+        or_(
+            _shards.c.state.in_([ShardState.PENDING.value, ShardState.QUEUED.value]),
+            and_(
+                _shards.c.state == ShardState.RUNNING.value,
+                or_(_shards.c.lease_owner.is_(None), _shards.c.lease_owner == _p("p_owner"),
+                    _shards.c.lease_expires_at.is_(None), _shards.c.lease_expires_at <= _p("p_now", _TS)),
+            ),
+        ),
+        select(_jobs.c.id)
+        .where(_jobs.c.id == _p("p_job"), _jobs.c.state.in_([JobState.QUEUED.value, JobState.RUNNING.value]))
+        .exists(),
+    )
+    .values(state=ShardState.RUNNING.value, attempts=_shards.c.attempts + 1, lease_owner=_p("p_owner"),
+            lease_expires_at=_p("p_expires", _TS), worker=_p("p_worker"), started_at=_p("p_now", _TS), error=None)
+    .returning(_shards.c.id, _shards.c.attempts)
+)
+#: Mark a shard done, only while `owner` still holds its lease.
+_FINISH = (
+    _shards.update()
+    .where(_shards.c.job_id == _p("p_job"), _shards.c.index == _p("p_index"),
+           _shards.c.lease_owner == _p("p_owner"), _shards.c.state == ShardState.RUNNING.value)
+    .values(state=ShardState.DONE.value, finished_at=_p("p_now", _TS), lease_owner=None, lease_expires_at=None,
+            result=_p("p_result", JSON(none_as_null=True)))  # None stays SQL NULL, as before
+)
+#: Count a finished shard; RETURNING reads the value this transaction wrote, under the row lock the UPDATE took.
+_COUNT_DONE = (
+    _jobs.update()
+    .where(_jobs.c.id == _p("p_job"))
+    .values(shards_done=_jobs.c.shards_done + 1)
+    .returning(_jobs.c.shards_done, _jobs.c.shards_total, _jobs.c.state)
+)
+
+
+#: (database URL, job id) -> (kind, spec) of jobs whose shards this process claimed and which have started. A job's
+#: kind and spec never change after creation, so later claims of the same job need no read of the job row.
+_STARTED_JOBS: OrderedDict[tuple[str, str], tuple[str, dict[str, Any]]] = OrderedDict()
+_STARTED_JOBS_MAX = 256
+_started_lock = threading.Lock()
+
+
 def claim_shard(settings: Settings, job_id: str, index: int, owner: str) -> Claim:
-    """Take the lease of shard (job_id, index) for `owner`, unless it is done, cancelled or leased by someone alive."""
+    """Take the lease of shard (job_id, index) for `owner`, unless it is done, cancelled or leased by someone alive.
+
+    The common case (a queued shard of a live job) is ONE conditional UPDATE ... RETURNING once this process knows
+    the job (its kind and spec, and that it has started); the first claim of a job in a process also reads the job
+    and, if needed, marks it running. Anything the UPDATE does not take (done, cancelled, leased elsewhere, a
+    failed shard, a finished job) goes through `_claim_checked`, which locks the row and says why.
+    """
+    now = utcnow()
+    key = (settings.database_url, job_id)
+    with _started_lock:
+        known = _STARTED_JOBS.get(key)
+    params = {"p_job": job_id, "p_index": int(index), "p_owner": owner, "p_now": now,
+              "p_expires": now + timedelta(seconds=settings.lease_seconds), "p_worker": owner.rsplit(":", 1)[0]}
+    with session_scope(settings) as s:
+        conn = s.connection()
+        if known is None:
+            job = conn.execute(
+                select(_jobs.c.kind, _jobs.c.spec, _jobs.c.state, _jobs.c.started_at).where(_jobs.c.id == job_id)
+            ).one_or_none()
+            if job is None or job.state not in (JobState.QUEUED, JobState.RUNNING):
+                row = None
+            else:
+                known = (job.kind, job.spec)
+                row = conn.execute(_TAKE, params).one_or_none()
+                if row is not None and (job.state == JobState.QUEUED or job.started_at is None):
+                    conn.execute(
+                        _jobs.update()
+                        .where(_jobs.c.id == job_id)
+                        .values(
+                            state=case((_jobs.c.state == JobState.QUEUED.value, JobState.RUNNING.value),
+                                       else_=_jobs.c.state),
+                            started_at=func.coalesce(_jobs.c.started_at, now),
+                        )
+                    )
+        else:
+            row = conn.execute(_TAKE, params).one_or_none()
+    if row is None:
+        return _claim_checked(settings, job_id, index, owner)
+    with _started_lock:  # committed: the job is running and started
+        _STARTED_JOBS[key] = known
+        _STARTED_JOBS.move_to_end(key)
+        while len(_STARTED_JOBS) > _STARTED_JOBS_MAX:
+            _STARTED_JOBS.popitem(last=False)
+    return Claim(True, "claimed", row.id, row.attempts, copy.deepcopy(known[1]), known[0])
+
+
+def _lease_values(settings: Settings, owner: str, now: datetime) -> dict[str, Any]:
+    return {
+        "state": ShardState.RUNNING.value,
+        "lease_owner": owner,
+        "lease_expires_at": now + timedelta(seconds=settings.lease_seconds),
+        "worker": owner.rsplit(":", 1)[0],
+        "started_at": now,
+        "error": None,
+    }
+
+
+def _claim_checked(settings: Settings, job_id: str, index: int, owner: str) -> Claim:
+    """The full claim: lock the shard row, refuse with a reason, or take the lease (any state the fast path skips)."""
     now = utcnow()
     with session_scope(settings) as s:
         shard = s.execute(
@@ -88,13 +207,9 @@ def claim_shard(settings: Settings, job_id: str, index: int, owner: str) -> Clai
         ):
             return Claim(False, f"leased by {shard.lease_owner} until {expires.isoformat()}",
                          retry_in=(expires - now).total_seconds() + 1.0)
-        shard.state = ShardState.RUNNING.value
+        for key, value in _lease_values(settings, owner, now).items():
+            setattr(shard, key, value)
         shard.attempts += 1
-        shard.lease_owner = owner
-        shard.lease_expires_at = now + timedelta(seconds=settings.lease_seconds)
-        shard.worker = owner.rsplit(":", 1)[0]
-        shard.started_at = now
-        shard.error = None
         if job.state == JobState.QUEUED:
             job.state = JobState.RUNNING.value
         if job.started_at is None:
@@ -111,9 +226,12 @@ class Cancelled(Exception):
 
 
 class Heartbeat:
-    """Renews a lease in a background thread; exposes `cancelled` and `lost` events to the work loop.
+    """Renews a lease in the background; exposes `cancelled` and `lost` events to the work loop.
 
     Progress set with `progress(...)` is written with the next beat, so reporting it costs no extra transaction.
+    Beats run on the process's one renewer thread (`_RENEWER`), not a thread per shard: starting and joining a
+    thread for every shard cost ~1-2 ms of a busy core (benchmarks/overhead.py). Leaving the block stops the
+    beats and waits for a beat in flight, as joining a thread did.
     """
 
     def __init__(self, settings: Settings, shard_id: int, job_id: str, owner: str, interval: float | None = None):
@@ -121,9 +239,7 @@ class Heartbeat:
         self.interval = interval or settings.lease_seconds / C.HEARTBEATS_PER_LEASE
         self.cancelled = threading.Event()
         self.lost = threading.Event()
-        self._stop = threading.Event()
         self._progress: dict[str, Any] | None = None
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}-{shard_id}", daemon=True)
 
     def progress(self, **values: Any) -> None:
         self._progress = values
@@ -144,13 +260,6 @@ class Heartbeat:
         if state == JobState.CANCELLED:
             self.cancelled.set()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.beat()
-            except Exception as e:  # a DB blip must not kill the work; the lease just ages
-                log.warning("heartbeat failed: %s", e)
-
     def check(self) -> None:
         """Raise when the work should stop: call it between batches."""
         if self.lost.is_set():
@@ -159,12 +268,76 @@ class Heartbeat:
             raise Cancelled(self.job_id)
 
     def __enter__(self) -> Heartbeat:
-        self._thread.start()
+        _RENEWER.add(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        _RENEWER.remove(self)
+
+
+class _Renewer:
+    """The process's heartbeat thread: beats every registered Heartbeat each `interval` seconds.
+
+    Started on first use in each process (a forked pool child starts its own: `os.register_at_fork` resets the
+    state a child inherits). Beats run one at a time, in due order.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[Heartbeat, float] = {}
+        self._beating: Heartbeat | None = None
+        self._thread: threading.Thread | None = None
+
+    def add(self, hb: Heartbeat) -> None:
+        with self._cond:
+            self._due[hb] = time.monotonic() + hb.interval
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="lease-heartbeat", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def remove(self, hb: Heartbeat, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._due.pop(hb, None)
+            while self._beating is hb and time.monotonic() < deadline:
+                self._cond.wait(max(deadline - time.monotonic(), 0.0))
+
+    def _next(self) -> Heartbeat:
+        """Wait (holding the condition) until a heartbeat is due; mark it in flight and schedule its next beat."""
+        while True:
+            now = time.monotonic()
+            if self._due:
+                hb, when = min(self._due.items(), key=lambda kv: kv[1])
+                if when <= now:
+                    self._due[hb] = now + hb.interval
+                    self._beating = hb
+                    return hb
+                self._cond.wait(when - now)
+            else:
+                self._cond.wait()
+
+    def _run(self) -> None:
+        cond = self._cond  # this thread's generation (a fork resets the attribute, not our reference)
+        while True:
+            with cond:
+                hb = self._next()
+            try:
+                hb.beat()
+            except Exception as e:  # a DB blip must not kill the work; the lease just ages
+                log.warning("heartbeat failed: %s", e)
+            finally:
+                with cond:
+                    self._beating = None
+                    cond.notify_all()
+
+
+_RENEWER = _Renewer()
 
 
 def complete_shard(
@@ -181,27 +354,18 @@ def complete_shard(
     shard is recorded, or nothing is.
     """
     now = utcnow()
+    params = {"p_job": job_id, "p_index": int(index), "p_owner": owner, "p_now": now, "p_result": result}
     with session_scope(settings) as s:
-        res = s.execute(
-            update(Shard)
-            .where(
-                Shard.job_id == job_id,
-                Shard.index == index,
-                Shard.lease_owner == owner,
-                Shard.state == ShardState.RUNNING,
-            )
-            .values(
-                state=ShardState.DONE.value, finished_at=now, lease_owner=None, lease_expires_at=None, result=result
-            )
-        )
-        if res.rowcount != 1:
+        conn = s.connection()
+        if conn.execute(_FINISH, params).rowcount != 1:
             s.rollback()
             return False
         record(s)
-        s.execute(update(Job).where(Job.id == job_id).values(shards_done=Job.shards_done + 1))
-        job = s.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one()
-        s.refresh(job)
-        if job.shards_done == job.shards_total and job.state == JobState.RUNNING:
+        # The counter's UPDATE locks the job row until commit: exactly one completing transaction sees
+        # shards_done == shards_total (no separate SELECT ... FOR UPDATE needed).
+        done, total, state = conn.execute(_COUNT_DONE, params).one()
+        if done == total and state == JobState.RUNNING:
+            job = s.get(Job, job_id, populate_existing=True)  # `record` may have loaded it before the UPDATE
             finalizer = FINALIZERS.get(job.kind)
             if finalizer is not None:
                 finalizer(s, job)

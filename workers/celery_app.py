@@ -21,7 +21,10 @@ from shared.settings import Settings
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     broker_options: dict = {}
+    transport = None
     if settings.embedded_broker:
+        # atomic writes and takes, adaptive polling (workers/fs_transport.py); the URL stays filesystem://
+        transport = "workers.fs_transport:Transport"
         settings.ensure_local_folders()
         folder = settings.broker_folder
         broker_options = {
@@ -48,6 +51,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_send_sent_event=True,
         task_track_started=True,
         task_ignore_result=True,
+        broker_transport=transport,
         broker_transport_options=broker_options,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
@@ -61,6 +65,7 @@ def make_app(settings: Settings | None = None) -> Celery:
             C.TASK_EVAL_FID: {"queue": C.QUEUE_GPU},
             C.TASK_TRAIN_RUN: {"queue": C.QUEUE_TRAIN},
             C.TASK_REAP: {"queue": C.QUEUE_CPU},
+            C.TASK_BENCH_SHARD: {"queue": C.QUEUE_CPU},
         },
         imports=("workers.tasks",),
     )
