@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint fmt clean
+.PHONY: venv demo test test-fast faults lint fmt clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not server"
+
+faults: $(STAMP)
+	$(PY) -m tests.faults.summary
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
