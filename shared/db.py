@@ -79,7 +79,16 @@ def upgrade(url: str, revision: str = "head") -> None:
     from alembic import command
 
     get_engine(url)  # creates the folder of a SQLite file
-    command.upgrade(alembic_config(url), revision)
+    if url.startswith("sqlite") and url.split("///", 1)[-1] not in ("", ":memory:"):
+        # several local worker processes start together on a new SQLite file: one migrates, the others wait
+        # for it and then find the schema at head (Alembic re-checks the revision inside the lock)
+        import fcntl
+
+        with open(url.split("///", 1)[-1] + ".migrate.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            command.upgrade(alembic_config(url), revision)
+    else:
+        command.upgrade(alembic_config(url), revision)
     _upgraded.add(url)
 
 

@@ -89,9 +89,12 @@ class Storage:
             os.replace(tmp_path, dest)
         except BaseException as e:
             tmp_path.unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise StorageError(f"cannot write artifact {dest}: {e.strerror or e}") from e
-            raise
+            if isinstance(e, StorageError) or not isinstance(e, Exception):
+                raise
+            # writers (safetensors, numpy, cv2) report a full or failing disk in their own exception types:
+            # whatever the writer raised, the artifact was not written, and the error names the path
+            why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            raise StorageError(f"cannot write artifact {dest}: {why}") from e
         return StoredFile(uri=dest.as_uri(), sha256=digest, bytes=size)
 
     def write_bytes(self, key: str, data: bytes) -> StoredFile:

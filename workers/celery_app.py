@@ -56,6 +56,9 @@ def make_app(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # seconds to wait for a dead pool child's result before requeueing its message (default 10): there is no
+        # result backend to wait for, so requeue quickly
+        worker_lost_wait=2.0,
         task_default_queue=C.QUEUE_CPU,
         task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in C.QUEUES],
         task_routes={

@@ -3,7 +3,11 @@
 - a shard whose lease expired (its worker died: kill -9, node loss, OOM) goes back to pending and is re-enqueued;
   a training run then resumes from its latest recorded checkpoint;
 - a job left `queued` with pending shards (the orchestrator died between creating the rows and publishing) gets its
-  shards published.
+  shards published;
+- a shard `queued` for longer than `requeue_after` seconds while its queue is EMPTY lost its message (a broker
+  restarted without persistence): it is published again. An empty queue is the guard: with a backlog, old queued
+  shards are simply waiting. A duplicate this may create (a message a busy worker had reserved) is harmless:
+  the claim skips a shard that is running or done.
 Every change is a conditional UPDATE, so several reapers (one per worker node) never enqueue the same shard twice.
 Runs as `orchestrator reap` and as a background thread in every worker's main process.
 """
@@ -29,8 +33,10 @@ log = logging.getLogger(__name__)
 STALE_QUEUED_SECONDS = 30.0
 
 
-def reap(settings: Settings, stale_queued_seconds: float = STALE_QUEUED_SECONDS) -> list[tuple[str, int]]:
+def reap(settings: Settings, stale_queued_seconds: float = STALE_QUEUED_SECONDS,
+         requeue_after: float | None = None) -> list[tuple[str, int]]:
     now = utcnow()
+    requeue_after = 2 * settings.lease_seconds if requeue_after is None else requeue_after
     reaped: list[tuple[str, int]] = []
     with session_scope(settings) as s:
         expired = s.execute(
@@ -60,9 +66,44 @@ def reap(settings: Settings, stale_queued_seconds: float = STALE_QUEUED_SECONDS)
     for job_id in orphans:
         n = enqueue_shards(settings, job_id)
         reaped += [(job_id, -1)] * n
+    reaped += _republish_lost(settings, now, requeue_after)
     if reaped:
         log.warning("reaper re-enqueued %d shard(s): %s", len(reaped), reaped[:10])
     return reaped
+
+
+def _republish_lost(settings: Settings, now, requeue_after: float) -> list[tuple[str, int]]:
+    from shared import constants as C
+
+    cutoff = now - timedelta(seconds=requeue_after)
+    with session_scope(settings) as s:
+        stale = s.execute(
+            select(Shard.id, Shard.job_id, Shard.index, Shard.enqueued_at, Job.kind)
+            .join(Job, Job.id == Shard.job_id)
+            .where(Shard.state == ShardState.QUEUED, Shard.enqueued_at < cutoff, Job.state == JobState.RUNNING)
+            .limit(10000)
+        ).all()
+    if not stale:
+        return []
+    from orchestrator.exporter import queue_lengths
+
+    lengths, _ = queue_lengths(settings)
+    routes = {C.TASK_TRAIN_RUN: C.QUEUE_TRAIN}
+    out = []
+    for shard_id, job_id, index, enqueued_at, kind in stale:
+        queue = routes.get(C.TASK_FOR_KIND[kind], C.QUEUE_CPU if kind == C.KIND_BENCH else C.QUEUE_GPU)
+        if lengths.get(queue, 1) != 0:
+            continue  # a backlog: the message is most likely still waiting
+        with session_scope(settings) as s:
+            res = s.execute(
+                update(Shard)
+                .where(Shard.id == shard_id, Shard.state == ShardState.QUEUED, Shard.enqueued_at == enqueued_at)
+                .values(state=ShardState.PENDING.value)
+            )
+        if res.rowcount == 1:
+            enqueue_shards(settings, job_id, [index])
+            out.append((job_id, index))
+    return out
 
 
 def start_reaper_thread(settings: Settings, interval: float | None = None) -> threading.Thread:

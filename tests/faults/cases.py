@@ -1,6 +1,6 @@
-"""The fault cases: each injects one kind of fault into a real invert job on real worker nodes and returns what
-happened, compared with the fault-free run of the same job. The pytest modules and `python -m tests.faults.summary`
-run these same functions.
+"""The fault cases: each injects one kind of fault into a real job on real worker nodes and returns what happened,
+compared with the fault-free run of the same job (tests/faults/bench.py). The pytest modules and
+`python -m tests.faults.summary` run these same registered cases (CASES).
 """
 
 from __future__ import annotations
@@ -25,155 +25,33 @@ from sqlalchemy import func, select, update
 from orchestrator import jobs
 from orchestrator.submit import submit_invert
 from shared import constants as C
-from shared.db import ensure_schema, session_scope
+from shared.db import session_scope
 from shared.models import Job, Shard
 from shared.settings import Settings
 from shared.status import JobState, ShardState
 from tests.faults import cluster as cl
+from tests.faults.bench import (
+    JOB_TIMEOUT,
+    Bench,
+    Outcome,
+    Skip,
+    attempts_of,
+    conclude,
+    shards_in,
+    submit,
+    wait_job,
+    wait_running_on,
+)
 from tests.faults.infra import PrivateRedis, TcpProxy, Tmpfs
-from tests.faults.node import Zygote
 from tests.faults.state import (
     MANY,
     SMALL,
-    Inputs,
-    Plan,
-    References,
     SubmitterCrash,
-    compare,
     crash_before_publish,
     create_unpublished,
     fingerprint,
     job_ids,
 )
-
-#: Lease of every case (s): a dead owner's shard is free again after at most this long.
-LEASE_SECONDS = 4.0
-#: Longest wait for a job to end once its faults are injected (s); a job still running then is reported as such.
-JOB_TIMEOUT = 180.0
-
-
-@dataclass
-class Bench:
-    """What a case runs on: a backend's settings (with the short lease), the inputs, the references, a folder.
-
-    `settings` is the backend's; `fresh(name)` gives a case its own state: on the embedded default a new home
-    (SQLite file, broker folder, artifacts), on servers the same database (jobs do not share rows) and an emptied
-    Redis DB index, so no message of an earlier case reaches this one.
-    """
-
-    backend: str
-    settings: Settings
-    inputs: Inputs
-    refs: References
-    work: Path
-    zygote: Zygote | None = None
-
-    def cluster(self, settings: Settings, name: str, env: dict[str, str] | None = None,
-                queues: str = "gpu,cpu") -> cl.Cluster:
-        return cl.Cluster(settings, self.folder(f"logs-{name}"), self.zygote, queues=queues, env=env)
-
-    def folder(self, name: str) -> Path:
-        p = self.work / name
-        p.mkdir(parents=True, exist_ok=True)
-        return p
-
-    def fresh(self, name: str) -> Settings:
-        if self.settings.embedded_broker:
-            home = self.folder(f"{name}-home")
-            s = replace(self.settings, home=home, database_url=f"sqlite:///{home / C.DB_FILENAME}",
-                        storage=str(home / C.STORAGE_DIRNAME))
-            s.ensure_local_folders()
-            # migrate before any node starts: nodes starting together on a fresh SQLite file race the migration
-            # (see docs/faults.md), and a node that loses the race runs without a reaper thread
-            ensure_schema(s)
-            return s
-        import redis
-
-        redis.Redis.from_url(self.settings.broker_url).flushdb()
-        return replace(self.settings, storage=str(self.folder(f"{name}-artifacts")))
-
-
-@dataclass
-class Outcome:
-    case: str
-    backend: str
-    injections: int
-    shards: int
-    lost: int
-    duplicated: int
-    state: str
-    equal: bool
-    seconds: float
-    #: case-specific assertions, by description
-    checks: dict[str, bool] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    def failures(self) -> list[str]:
-        return [name for name, ok in self.checks.items() if not ok]
-
-    def report(self) -> str:
-        lines = [f"{self.case} [{self.backend}]: state={self.state} lost={self.lost} duplicated={self.duplicated} "
-                 f"equal={self.equal} injections={self.injections}"]
-        lines += [f"  FAILED: {name}" for name in self.failures()]
-        lines += [f"  {n}" for n in self.notes[:30]]
-        return "\n".join(lines)
-
-
-def short_lease(settings: Settings) -> Settings:
-    return replace(settings, lease_seconds=LEASE_SECONDS)
-
-
-def _wait_job(settings: Settings, job_id: str, timeout: float = JOB_TIMEOUT) -> Job:
-    return jobs.wait(settings, job_id, timeout=timeout, poll=0.2)
-
-
-def conclude(bench: Bench, settings: Settings, case: str, plan: Plan, job_id: str, injections: int, t0: float,
-             checks: dict[str, bool] | None = None, notes: list[str] | None = None) -> Outcome:
-    """Compare the job's end state with the fault-free run's and add the checks every case makes. A job that did
-    not end is cancelled afterwards, so no later case's reaper picks it up."""
-    seconds = round(time.monotonic() - t0, 1)  # the case itself, not the wait for its reference below
-    fp = fingerprint(settings, job_id)
-    if not JobState(fp.state).finished:
-        jobs.cancel(settings, job_id)
-    v = compare(bench.refs.get(plan), fp)
-    out = Outcome(case, bench.backend, injections, plan.shards, v.lost, v.duplicated, fp.state, v.equal, seconds,
-                  dict(checks or {}), list(notes or []) + v.diffs)
-    out.checks["job succeeded"] = fp.state == JobState.SUCCEEDED
-    out.checks["no shard lost"] = v.lost == 0
-    out.checks["nothing recorded twice"] = v.duplicated == 0
-    out.checks["end state equals the fault-free run"] = v.equal
-    return out
-
-
-def _submit(settings: Settings, bench: Bench, plan: Plan) -> str:
-    """`orchestrator submit invert` of the plan (rows, then one message per shard)."""
-    return submit_invert(settings, bench.inputs.args(plan))
-
-
-def wait_running_on(settings: Settings, job_id: str, cluster: cl.Cluster, node: cl.Node | None = None,
-                    first_attempt: bool = True, timeout: float = 120.0) -> cl.Running:
-    """A shard running right now in a pool child of `node` (of any node of the cluster when None)."""
-
-    def pick():
-        for r in cl.running_shards(settings, job_id):
-            holder = cluster.node_holding(r.pid)
-            if holder is not None and (node is None or holder is node) and (r.attempts == 1 or not first_attempt):
-                return r
-        return None
-
-    return cl.wait_for(pick, timeout, 0.02, "a running shard")
-
-
-def shards_in(settings: Settings, job_id: str, *states: str) -> int:
-    with session_scope(settings) as s:
-        return s.execute(select(func.count()).select_from(Shard)
-                         .where(Shard.job_id == job_id, Shard.state.in_(states))).scalar_one()
-
-
-def attempts_of(settings: Settings, job_id: str) -> dict[int, int]:
-    with session_scope(settings) as s:
-        return dict(s.execute(select(Shard.index, Shard.attempts).where(Shard.job_id == job_id)).all())
-
 
 # -- kill -9 ------------------------------------------------------------------------------------------------------
 
@@ -194,7 +72,7 @@ def kill_pool_children(bench: Bench, kills: int = 20, seed: int = 0, per_shard: 
     notes: list[str] = []
     with bench.cluster(s, "kill-children") as cluster:
         started = cluster.start(nodes)
-        job_id = _submit(s, bench, plan)
+        job_id = submit(s, bench, plan)
         done_killing = time.monotonic() + JOB_TIMEOUT
         while len(killed) < kills and time.monotonic() < done_killing:
             if JobState(jobs.get_job(s, job_id).state).finished:
@@ -216,7 +94,7 @@ def kill_pool_children(bench: Bench, kills: int = 20, seed: int = 0, per_shard: 
                 late += 1  # it committed its completion just before the signal: not a mid-shard kill
                 continue
             killed.append((r.index, r.attempts))
-        _wait_job(s, job_id)
+        wait_job(s, job_id)
         alive = all(n.alive() for n in started)
     attempts = attempts_of(s, job_id)
     per = Counter(i for i, _ in killed)
@@ -253,12 +131,12 @@ def kill_node_mid_shard(bench: Bench) -> list[Outcome]:
     plan, s, t0 = SMALL, bench.fresh("kill-node"), time.monotonic()
     with bench.cluster(s, "kill-node") as cluster:
         a, b = cluster.start(2)
-        job_id = _submit(s, bench, plan)
+        job_id = submit(s, bench, plan)
         with cl.Watch(s, job_id) as watch:
             r = wait_running_on(s, job_id, cluster, a)
             a.kill_node()
             gone = _all_gone([r.pid, a.pid])
-            _wait_job(s, job_id)
+            wait_job(s, job_id)
         b_alive = b.alive()
     attempts = attempts_of(s, job_id)
     owners = watch.owners.get(r.index, [])
@@ -289,8 +167,8 @@ def kill_node_mid_training(bench: Bench, epochs: int = 6, every: int = 5) -> lis
     s, t0 = bench.fresh("train"), time.monotonic()
     with bench.cluster(s, "train", queues="gpu,train,cpu") as cluster:
         a, b = cluster.start(2)
-        inv = _submit(s, bench, SMALL)
-        inv_state = _wait_job(s, inv).state
+        inv = submit(s, bench, SMALL)
+        inv_state = wait_job(s, inv).state
         args = argparse.Namespace(latents=inv, preset="readme", epochs=epochs, lr=1e-3, weight_decay=None,
                                   batch_size=2, gpus=2, base_channels=8, depth=2, amp=False, checkpoint_every=every,
                                   max_steps=None, log_every=1, seed=0)
@@ -309,7 +187,7 @@ def kill_node_mid_training(bench: Bench, epochs: int = 6, every: int = 5) -> lis
         before = max(step for step, _ in _checkpoints(s, job_id))
         victim.kill_node()
         gone_at = time.time() if _all_gone(first, 60.0) else None
-        job = _wait_job(s, job_id, 300)
+        job = wait_job(s, job_id, 300)
         survivor_alive = (b if victim is a else a).alive()
         if not JobState(job.state).finished:
             jobs.cancel(s, job_id)
@@ -403,7 +281,7 @@ def warm_shutdown(bench: Bench, cold: bool = True) -> list[Outcome]:
     with bench.cluster(s, "sigterm") as cluster:
         (a,) = cluster.start(1, warm=not cold)
         cluster.start(1)
-        job_id = _submit(s, bench, plan)
+        job_id = submit(s, bench, plan)
         with cl.Watch(s, job_id) as watch:
             r = wait_running_on(s, job_id, cluster, a, timeout=180)
             a.warm_shutdown()
@@ -411,7 +289,7 @@ def warm_shutdown(bench: Bench, cold: bool = True) -> list[Outcome]:
                 rc = a.proc.wait(timeout=90)
             except subprocess.TimeoutExpired:
                 rc = None
-            _wait_job(s, job_id)
+            wait_job(s, job_id)
         log_a = a.text()
     attempts = attempts_of(s, job_id)
     checks = {
@@ -438,12 +316,12 @@ def redis_restart(bench: Bench, down: float = 3.0, persistent: bool = True, time
         s = replace(bench.fresh("redis"), broker_url=server.url)
         with bench.cluster(s, "redis" if persistent else "redis-volatile") as cluster:
             cluster.start(2)
-            job_id = _submit(s, bench, plan)
+            job_id = submit(s, bench, plan)
             cl.wait_for(lambda: shards_in(s, job_id, "done") >= 2 and cl.running_shards(s, job_id), 120, 0.02,
                         "two shards done and one running")
             queued = shards_in(s, job_id, "queued")
             server.restart(down)
-            _wait_job(s, job_id, timeout)
+            wait_job(s, job_id, timeout)
     finally:
         server.stop()
     case = "Redis restarted mid-job" + ("" if persistent else " (no persistence)")
@@ -461,13 +339,13 @@ def postgres_outage(bench: Bench, down: float = 5.0) -> list[Outcome]:
         with bench.cluster(s, "pg", env={"ORCH_DATABASE_URL": proxy.url_for(s.database_url)}) \
                 as cluster:
             cluster.start(2)
-            job_id = _submit(s, bench, plan)
+            job_id = submit(s, bench, plan)
             cl.wait_for(lambda: shards_in(s, job_id, "done") >= 2 and cl.running_shards(s, job_id), 120, 0.02,
                         "two shards done and one running")
             proxy.cut()
             time.sleep(down)
             proxy.restore()
-            _wait_job(s, job_id)
+            wait_job(s, job_id)
             logs = cluster.logs()
     finally:
         proxy.close()
@@ -500,7 +378,7 @@ def reaper_after_db_down_at_start(bench: Bench, timeout: float = 30.0) -> list[O
                     state=ShardState.RUNNING.value, attempts=1, lease_owner="gone:1:dead",
                     lease_expires_at=bk.utcnow() - timedelta(seconds=1)))
             enqueue_shards(s, job_id, list(range(1, plan.shards)))
-            _wait_job(s, job_id, timeout)
+            wait_job(s, job_id, timeout)
             handler_failed = "_on_worker_ready" in node.text() and "raised" in node.text()
     finally:
         proxy.close()
@@ -542,7 +420,7 @@ def duplicate_delivery(bench: Bench) -> list[Outcome]:
                            .values(state=ShardState.QUEUED.value, enqueued_at=func.now()))
                 ss.execute(update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
                            .values(state=JobState.RUNNING.value))
-            _wait_job(s, job_id)
+            wait_job(s, job_id)
             # the deferred copies must also have come back and found the shard done
             cl.wait_for(lambda: _skipped(cluster.logs(), task_ids) >= plan.shards, 60, 0.2, "every copy skipped")
         logs = cluster.logs()
@@ -585,7 +463,7 @@ def visibility_timeout(bench: Bench) -> list[Outcome]:
     with bench.cluster(s, "visibility") as cluster:
         (a,) = cluster.start(1, warm=False)
         (b,) = cluster.start(1, queues=C.QUEUE_CPU)
-        job_id = _submit(s, bench, plan)
+        job_id = submit(s, bench, plan)
         with cl.Watch(s, job_id) as watch, Connection(s.broker_url) as conn:
             r = wait_running_on(s, job_id, cluster, a)
             task_id = r.owner.rsplit(":", 1)[1]
@@ -596,7 +474,7 @@ def visibility_timeout(bench: Bench) -> list[Outcome]:
                     aged += 1
             conn.default_channel.qos.restore_visible(num=100, interval=1)
             replies = get_app(s).control.add_consumer(C.QUEUE_GPU, destination=[b.hostname], reply=True, timeout=10)
-            _wait_job(s, job_id)
+            wait_job(s, job_id)
             cl.wait_for(lambda: _skipped(b.text() + a.text(), {0: task_id}) >= 1, 60, 0.2, "the copy skipped")
         logs = cluster.logs()
     attempts = attempts_of(s, job_id)
@@ -641,8 +519,8 @@ def storage_faults(bench: Bench) -> list[Outcome]:
             ):
                 t0 = time.monotonic()
                 break_it()
-                job_id = _submit(s, bench, SMALL)
-                job = _wait_job(s, job_id)
+                job_id = submit(s, bench, SMALL)
+                job = wait_job(s, job_id)
                 cl.wait_for(lambda job_id=job_id: shards_in(s, job_id, "queued", "running", "pending") == 0, 120,
                             0.2, "every shard settled")
                 failed_fp = fingerprint(s, job_id)
@@ -660,7 +538,7 @@ def storage_faults(bench: Bench) -> list[Outcome]:
                 fix_it()
                 retry = _cli(s, "retry", job_id, "--failed")
                 checks["`orchestrator retry --failed` succeeded"] = retry.returncode == 0
-                _wait_job(s, job_id)
+                wait_job(s, job_id)
                 notes = [f"error: {error[:300]!r}", f"retry: {retry.stdout.strip()} {retry.stderr.strip()[-300:]}",
                          f"before retry: {failed_fp.shard_states}"]
                 outcomes.append(conclude(bench, s, case, SMALL, job_id, 1, t0, checks, notes))
@@ -706,7 +584,7 @@ def submitter_crash(bench: Bench) -> list[Outcome]:
             untouched = shards_in(s, job_id, "pending") == plan.shards  # nothing was published
             args = (command[0], job_id) if command[0] == "resume" else command
             run = _cli(s, *args)
-            _wait_job(s, job_id)
+            wait_job(s, job_id)
             leftovers = shards_in(s, job_id, "pending", "queued", "running")
             checks = {
                 "the submitter crashed after creating the rows": crashed and queued and pending,
@@ -735,10 +613,6 @@ def _crash_inside_create_job(settings: Settings) -> bool:
     except IntegrityError:
         pass
     return counts() == before
-
-
-class Skip(Exception):
-    """The case cannot run here (e.g. mounting is not permitted); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -774,15 +648,4 @@ CASES: dict[str, Case] = {
 }
 
 #: Outcomes (by case title) that show a bug not fixed yet: the tests mark them xfail(strict=True) with this reason.
-KNOWN_BUGS: dict[str, str] = {
-    "storage full": (
-        "a full disk surfaces as safetensors' SafetensorError, not StorageError: the shard fails with a traceback "
-        "that does not name the path (workers/tasks/invert.py writes with safetensors.save_file inside "
-        "Storage.write, which only wraps OSError)"),
-    "Redis restarted mid-job (no persistence)": (
-        "messages the broker lost (Redis without AOF, or the last second of `appendfsync everysec`) strand their "
-        "shards in `queued`: the reaper re-publishes only expired leases and never-published jobs"),
-    "reaper after DB down at node start": (
-        "a node that cannot reach the database when it starts never starts its reaper thread: "
-        "workers/tasks/common.py _on_worker_ready calls settings() (ensure_schema) before start_reaper_thread"),
-}
+KNOWN_BUGS: dict[str, str] = {}

@@ -11,7 +11,8 @@ import pytest
 
 from shared.settings import Settings
 from tests.conftest import REDIS_URL, embedded_settings
-from tests.faults.cases import CASES, KNOWN_BUGS, Bench, Outcome, Skip, short_lease
+from tests.faults.bench import Bench, Outcome, Skip, short_lease
+from tests.faults.cases import CASES, KNOWN_BUGS
 from tests.faults.cluster import start_zygote
 from tests.faults.state import References, make_inputs
 

@@ -30,7 +30,8 @@ from pathlib import Path  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
 
 from shared.settings import Settings  # noqa: E402
-from tests.faults.cases import CASES, KNOWN_BUGS, LEASE_SECONDS, Bench, Outcome, Skip, short_lease  # noqa: E402
+from tests.faults.bench import LEASE_SECONDS, Bench, Outcome, Skip, short_lease  # noqa: E402
+from tests.faults.cases import CASES, KNOWN_BUGS  # noqa: E402
 from tests.faults.cluster import start_zygote  # noqa: E402
 from tests.faults.state import References, make_inputs  # noqa: E402
 

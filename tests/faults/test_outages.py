@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.conftest import assert_kept, known_bug, run_case
+from tests.faults.conftest import assert_kept, run_case
 from tests.faults.infra import PrivateRedis
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -22,7 +22,6 @@ def test_redis_restart_mid_job(servers_bench):
     assert_kept(out)
 
 
-@known_bug("Redis restarted mid-job (no persistence)")
 def test_redis_restart_without_persistence_loses_nothing(servers_bench):
     _need_redis_server()
     (out,) = run_case("redis_volatile", servers_bench)
@@ -34,7 +33,6 @@ def test_postgres_unavailable_mid_job(servers_bench):
     assert_kept(out)
 
 
-@known_bug("reaper after DB down at node start")
 def test_reaper_runs_on_a_node_started_while_postgres_was_down(servers_bench):
     (out,) = run_case("reaper_start", servers_bench)
     assert_kept(out)

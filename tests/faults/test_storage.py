@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.conftest import assert_kept, known_bug, run_case
+from tests.faults.conftest import assert_kept, run_case
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -15,7 +15,6 @@ def storage_outcomes(embedded_bench):
     return {o.case: o for o in run_case("storage", embedded_bench)}
 
 
-@known_bug("storage full")
 def test_storage_full_fails_clearly_and_resumes(storage_outcomes):
     assert_kept(storage_outcomes["storage full"])
 

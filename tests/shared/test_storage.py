@@ -19,7 +19,7 @@ def test_write_is_atomic_and_hashed(tmp_path):
         path.write_bytes(b"half")
         raise RuntimeError("writer died")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(StorageError, match="b.bin.*writer died"):
         st.write("jobs/j/b.bin", boom)
     assert sorted(p.name for p in (tmp_path / "root/jobs/j").iterdir()) == ["a.bin"]  # no half file, no temp file
 

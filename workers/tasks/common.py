@@ -103,7 +103,9 @@ def _on_worker_ready(sender=None, **_kw) -> None:
     if os.environ.get("ORCH_REAPER", "1") != "0":
         from workers.reaper import start_reaper_thread
 
-        start_reaper_thread(settings())
+        # plain settings, not settings(): that one checks the schema, and a database that is down while the node
+        # starts must not keep the reaper from ever starting (each round retries the database itself)
+        start_reaper_thread(Settings.from_env())
 
 
 from celery.signals import task_unknown, worker_ready  # noqa: E402
