@@ -114,7 +114,14 @@ def resume(settings: Settings, job_id: str, failed_only: bool = False) -> int:
             .where(Job.id == job_id)
             .values(state=JobState.RUNNING.value, finished_at=None, error=None, shards_failed=len(failed))
         )
-    return enqueue_shards(settings, job_id)
+    n = enqueue_shards(settings, job_id)
+    with session_scope(settings) as s:  # every shard was already done (e.g. a cancel came after the work ended)
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.shards_done == Job.shards_total)
+            .values(state=JobState.SUCCEEDED.value, finished_at=utcnow())
+        )
+    return n
 
 
 def wait(settings: Settings, job_id: str, timeout: float | None = None, poll: float = 0.5, on_tick=None) -> Job:

@@ -86,7 +86,7 @@ def test_kill9_worker_node_resumes_from_last_checkpoint(fast_lease, tiny_sd, m3f
 def test_cancel_then_resume_and_duplicate_delivery(fast_lease, tiny_sd, m3fd_small, tmp_path):
     s = fast_lease
     inv = run_invert_inline(s, m3fd_small, tiny_sd)
-    job_id = submit_train_translator(s, train_args(inv))
+    job_id = submit_train_translator(s, train_args(inv, epochs=80))  # long enough to be cancelled mid-run
     with local_workers(s, 2, "train,cpu", tmp_path / "logs"):
         wait_for(lambda: checkpoints(s, job_id))
         # a duplicate of the running task's message reaches the other worker: it must not start a second run

@@ -142,7 +142,9 @@ def train_work(ctx: ShardContext) -> ShardOutput:
                         env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     if hb.lost.is_set():
         raise bk.LeaseLost(f"training run {ctx.job_id} lost its lease")
-    if outcome.stopped or hb.cancelled.is_set():
+    finished = outcome.done is not None and outcome.returncode == 0
+    if outcome.stopped or (hb.cancelled.is_set() and not finished):
+        # a cancel that arrives after the run finished does not throw the finished run away
         raise bk.Cancelled(ctx.job_id)
     if outcome.returncode != 0 or outcome.done is None:
         lines = [ln for ln in outcome.log_tail.splitlines() if ln.strip()]
