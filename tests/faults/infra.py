@@ -7,6 +7,7 @@ Every object here stops what it started, within a bounded time.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import signal
 import socket
@@ -97,7 +98,16 @@ class TcpProxy:
     def start(self) -> None:
         ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind(("127.0.0.1", self.port))
+        deadline = time.monotonic() + 10
+        while True:  # the previous listener may take a moment to be released (see cut)
+            try:
+                ls.bind(("127.0.0.1", self.port))
+                break
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    ls.close()
+                    raise
+                time.sleep(0.05)
         ls.listen(128)
         self._listener = ls
         threading.Thread(target=self._accept, args=(ls,), name="proxy-accept", daemon=True).start()
@@ -148,6 +158,12 @@ class TcpProxy:
             ls, self._listener = self._listener, None
             socks = list(self._socks)
         if ls is not None:
+            # close() alone leaves the socket listening while the accept thread is blocked in accept() on it (the
+            # kernel keeps it alive for the syscall); shutdown() wakes that accept, which then lets go of it.
+            try:
+                ls.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             ls.close()
         for s in socks:
             self._close(s)
