@@ -214,29 +214,6 @@ def indexes(settings: Settings) -> str:
     return "\n".join(f"  {t:<12} {d}" for t, d in rows)
 
 
-def per_item_page(settings: Settings, job_id: str, limit: int, offset: int) -> list[dict]:
-    """A results page of per-item metrics paginated in SQL (a page of items, then their metrics), for comparison
-    with orchestrator.queries.results, which reads every per-item row of the job and slices in Python."""
-    from sqlalchemy import select
-
-    from shared import constants as C
-    from shared.db import session_scope
-    from shared.models import Metric
-
-    with session_scope(settings) as s:
-        page = (select(Metric.item).where(Metric.job_id == job_id, Metric.step == C.SUMMARY_STEP,
-                                          Metric.item > C.NO_ITEM)
-                .group_by(Metric.item).order_by(Metric.item).limit(limit).offset(offset).subquery())
-        rows: dict[str, dict] = {}
-        for item, name, value in s.execute(
-            select(Metric.item, Metric.name, Metric.value)
-            .where(Metric.job_id == job_id, Metric.step == C.SUMMARY_STEP, Metric.item.in_(select(page.c.item)))
-            .order_by(Metric.item, Metric.name)
-        ).all():
-            rows.setdefault(item, {"item": item})[name] = value
-        return list(rows.values())
-
-
 def queries_to_time(settings: Settings, ids: dict[str, str]) -> list[tuple[str, Callable[[], object]]]:
     from orchestrator import queries
 
@@ -250,7 +227,8 @@ def queries_to_time(settings: Settings, ids: dict[str, str]) -> list[tuple[str, 
          lambda: queries.results(settings, inv, limit=50, offset=max(ids["pairs_inv"] - 50, 0))),
         ("results INVERT (all pairs)", lambda: queries.results(settings, inv)),
         ("results EVAL --limit 50", lambda: queries.results(settings, ev, limit=50)),
-        ("  same page paginated in SQL", lambda: per_item_page(settings, ev, 50, 0)),
+        (f"results EVAL --limit 50 --offset {max(ids['pairs_eval'] - 50, 0)}",
+         lambda: queries.results(settings, ev, limit=50, offset=max(ids["pairs_eval"] - 50, 0))),
         ("results TRAIN (checkpoints)", lambda: queries.results(settings, tr)),
         ("metrics EVAL", lambda: queries.summary_metrics(settings, ev)),
         ("metrics TRAIN", lambda: queries.summary_metrics(settings, tr)),
@@ -299,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             ids = {k: c.execute(text("SELECT id FROM jobs WHERE kind = :k ORDER BY id LIMIT 1"), {"k": k}).scalar_one()
                    for k in ("invert", "eval-translator", "train-translator")}
             size = c.execute(text("SELECT pg_size_pretty(pg_database_size(current_database()))")).scalar_one()
-        ids["pairs_inv"] = max(int(10_000 * scale), 1)
+        ids["pairs_inv"], ids["pairs_eval"] = max(int(10_000 * scale), 1), max(int(25_000 * scale), 1)
         print(f"# database size {size}")
         rows = [time_query(name, fn, args.runs) for name, fn in queries_to_time(settings, ids)]
         emit(f"CLI queries on {counts['items']:,} items and {counts['metrics']:,} metrics ({args.runs} runs each)",
@@ -313,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         with get_engine(url).begin() as c:
             c.execute(text(f"DROP INDEX IF EXISTS {NEW_INDEX}"))
         before = [time_query(name, fn, args.runs) for name, fn in queries_to_time(settings, ids)
-                  if name.startswith(("metrics", "loss", "results EVAL", "  same"))]
+                  if name.startswith(("metrics", "loss", "results EVAL"))]
         emit(f"the metric queries WITHOUT {NEW_INDEX} (schema before migration 0003)", before, json_path=args.json)
         if args.explain:
             print(f"\n== EXPLAIN ANALYZE without {NEW_INDEX}: metrics EVAL")

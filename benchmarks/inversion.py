@@ -30,11 +30,11 @@ import argparse
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks._common import Timer, emit, header
+from workers.ml.prefetch import prefetched
 
 #: Dense bf16 tensor-core peak (FLOP/s) by device-name fragment, from the vendors' data sheets (no sparsity).
 PEAK_BF16 = {
@@ -85,17 +85,6 @@ def load_batch(pairs: Sequence, size: int, pin: bool = False):
     if pin:
         rgb, ir = rgb.pin_memory(), ir.pin_memory()
     return rgb, ir
-
-
-def prefetched(batches: Sequence, load: Callable, depth: int = 2, workers: int = 2) -> Iterator:
-    """Yield ``load(b)`` for each batch in order while a thread pool decodes the next ``depth`` ones (OpenCV and
-    torch release the GIL, so decoding runs beside the compute)."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(load, b) for b in batches[:depth]]
-        for i in range(len(batches)):
-            if i + depth < len(batches):
-                futures.append(pool.submit(load, batches[i + depth]))
-            yield futures[i].result()
 
 
 # -- the compared implementations -----------------------------------------------------------------------------------

@@ -140,3 +140,36 @@ def test_hostile_job_ids_are_bound_parameters(home, capsys, hostile):
     s = embedded_settings(home)
     with session_scope(s) as ss:
         assert ss.execute(select(func.count()).select_from(Job)).scalar_one() == 0
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_image_broken_after_submission(tmp_path, data, tiny_sd, skip_bad):
+    """A file that breaks between submission and its shard (decoded on a prefetch thread): without --skip-bad the
+    shard fails naming the file; with it the shard finishes without that pair and records the rejection."""
+    from orchestrator import jobs
+    from orchestrator import submit as submit_mod
+    from shared.errors import UserError
+    from tests.orchestrator.conftest import create_only, invert_args
+    from workers.runner import run_shard
+    from workers.tasks.invert import invert_work
+
+    s = embedded_settings(tmp_path / "orch")
+    job_id = create_only(submit_mod.submit_invert, s, invert_args(data, tiny_sd, 1, batch_size=4,
+                                                                  skip_bad=skip_bad))
+    with session_scope(s) as ss:
+        pairs = ss.execute(select(Item.pair_id).where(Item.job_id == job_id).order_by(Item.pair_id)).scalars().all()
+    victim = pairs[6]  # in the second batch of four, loaded ahead while the first is inverted
+    (data / "Vis" / f"{victim}.png").write_bytes(b"")
+    if not skip_bad:
+        with pytest.raises(UserError, match=victim):
+            run_shard(s, job_id, 0, invert_work)
+        job = jobs.get_job(s, job_id)
+        assert job.state == "failed" and victim in (job.error or "")
+        return
+    out = run_shard(s, job_id, 0, invert_work)
+    assert out["pairs"] == len(pairs) - 1 and out["skipped"] == 1
+    with session_scope(s) as ss:
+        rej = ss.execute(select(Rejection.ref).where(Rejection.job_id == job_id)).scalars().all()
+        unset = ss.execute(select(Item.pair_id).where(Item.job_id == job_id, Item.artifact_id.is_(None))).scalars()
+        assert [r for r in rej if victim in r] and len(rej) == 1 and list(unset) == [victim]
+    assert jobs.get_job(s, job_id).state == "succeeded"

@@ -40,6 +40,7 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
     from shared.db import session_scope
     from workers.ml.inversion import InversionConfig, invert_pairs
     from workers.ml.m3fd import Pair, load_image_pair
+    from workers.ml.prefetch import prefetched
 
     spec = ctx.spec
     cfg = InversionConfig(**spec["inversion"])
@@ -53,29 +54,45 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
     chunks: dict[str, list] = {}
     kept: list[tuple[str, str, str]] = []
     skipped: list[tuple[str, str, str]] = []
-    t0 = time.perf_counter()
-    for start in range(0, len(items), bs):
-        ctx.check()
-        batch, loaded = [], []
-        for pid, rgb_path, ir_path in items[start : start + bs]:
+    pin = device.startswith("cuda")
+
+    def load(batch_items: list[tuple[str, str, str]]):
+        """Decode and crop one batch (on a prefetch thread): (kept, rgb, ir, skipped)."""
+        ok, loaded, bad = [], [], []
+        for pid, rgb_path, ir_path in batch_items:
             try:
                 loaded.append(load_image_pair(Pair(pid, Path(rgb_path), Path(ir_path)), cfg.size, cfg.resize_to))
-                batch.append((pid, rgb_path, ir_path))
+                ok.append((pid, rgb_path, ir_path))
             except UserError as e:  # a file that broke after submission (or was never fully decoded there)
                 if not spec.get("skip_bad"):
                     raise
-                skipped.append((pid, rgb_path, str(e)))
-        if not batch:
-            continue
+                bad.append((pid, rgb_path, str(e)))
+        if not ok:
+            return ok, None, None, bad
         rgb = torch.stack([x[0] for x in loaded])  # (B, 3, S, S) in [-1, 1]
         ir = torch.stack([x[1] for x in loaded])
-        out = invert_pairs(parts, rgb, ir, cfg, generator=gen)
-        for k, v in out.items():
-            chunks.setdefault(k, []).append(v)
-        kept += batch
-        done = start + bs
-        rate = round(len(kept) / max(time.perf_counter() - t0, 1e-9), 3)
-        ctx.progress(min(done, len(items)), len(items), pairs_per_s=rate)
+        if pin:  # page-locked: the copy to the GPU is asynchronous
+            rgb, ir = rgb.pin_memory(), ir.pin_memory()
+        return ok, rgb, ir, bad
+
+    # the next batches decode on two threads while this one is inverted (benchmarks/README.md, "Data loading")
+    batches = [items[i : i + bs] for i in range(0, len(items), bs)]
+    t0 = time.perf_counter()
+    loads = prefetched(batches, load, depth=2)
+    try:
+        for n, (batch, rgb, ir, bad) in enumerate(loads):
+            ctx.check()
+            skipped += bad
+            if not batch:
+                continue
+            out = invert_pairs(parts, rgb, ir, cfg, generator=gen)
+            for k, v in out.items():
+                chunks.setdefault(k, []).append(v)
+            kept += batch
+            rate = round(len(kept) / max(time.perf_counter() - t0, 1e-9), 3)
+            ctx.progress(min((n + 1) * bs, len(items)), len(items), pairs_per_s=rate)
+    finally:
+        loads.close()
     if not kept:
         raise UserError(f"every pair of shard {ctx.index} has a bad image (first: {skipped[0][2]})")
     tensors = {k: torch.cat(v).contiguous() for k, v in chunks.items()}
