@@ -7,8 +7,10 @@ nothing special. Migrations are Alembic's; the embedded SQLite DB is upgraded au
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +31,8 @@ _upgraded: set[str] = set()
 
 
 def _sqlite_engine(url: str) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+    _ping_when_idle(engine)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):  # pragma: no cover - exercised by every sqlite test
@@ -48,6 +51,42 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+#: A pooled connection idle for longer than this is pinged (SELECT 1) before it is handed out.
+PING_AFTER_IDLE_SECONDS = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Pessimistic disconnect handling, minus the round trip on the hot path.
+
+    ``pool_pre_ping`` pings on every checkout: two extra round trips per shard (claim and completion), ~0.6 ms of a
+    worker's CPU (benchmarks/README.md). A connection that went back to the pool less than a second ago is handed
+    out as is; one idle for longer (across a database restart, a failover, an idle-timeout of a proxy) is pinged,
+    and a dead one is replaced transparently (DisconnectionError makes the pool retry with a fresh connection). A
+    connection that dies within that second fails its statement; SQLAlchemy sees a disconnect, invalidates the pool,
+    and the caller's retry of transient DB errors (workers/runner.py, workers/bookkeeping.py) gets a fresh one.
+    """
+    from sqlalchemy import exc
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn, record):
+        record.info["checked_in"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn, record, _proxy):
+        last = record.info.get("checked_in")
+        if last is not None and time.monotonic() - last < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute("SELECT 1")
+                cur.fetchall()
+            finally:
+                cur.close()
+        except Exception as e:  # the driver's own error types: psycopg2, sqlite3, ...
+            raise exc.DisconnectionError(f"stale pooled connection: {e}") from e
+
+
 def get_engine(url: str) -> Engine:
     key = (os.getpid(), url)  # engines are not fork-safe: one per process
     with _lock:
@@ -59,7 +98,8 @@ def get_engine(url: str) -> Engine:
                     Path(path).parent.mkdir(parents=True, exist_ok=True)
                 engine = _sqlite_engine(url)
             else:
-                engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+                engine = create_engine(url, pool_size=5, max_overflow=10)
+                _ping_when_idle(engine)
             _engines[key] = engine
             _sessions[key] = sessionmaker(bind=engine, expire_on_commit=False)
         return engine
@@ -143,20 +183,25 @@ def upsert(
     """
     if not rows:
         return
-    dialect = session.get_bind().dialect.name
+    conn = session.connection()
+    stmt = _upsert_statement(conn.dialect.name, model, tuple(key), tuple(update or ()))
+    # chunk to stay under bind-parameter limits (SQLite 32k, PG 65k); Core executemany (insertmanyvalues), not the
+    # ORM's bulk path, which costs ~1 ms more per call for the single-row upserts of the hot path
+    ncols = max(len(rows[0]), 1)
+    chunk = max(1, 30000 // ncols)
+    for i in range(0, len(rows), chunk):
+        conn.execute(stmt, list(rows[i : i + chunk]))
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert_statement(dialect: str, model, key: tuple[str, ...], update: tuple[str, ...]):
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     elif dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
     else:  # pragma: no cover
         raise RuntimeError(f"upsert is not implemented for {dialect}")
-    stmt = insert(model)
+    stmt = insert(model.__table__)
     if update:
-        stmt = stmt.on_conflict_do_update(index_elements=list(key), set_={c: stmt.excluded[c] for c in update})
-    else:
-        stmt = stmt.on_conflict_do_nothing(index_elements=list(key))
-    # chunk to stay under bind-parameter limits (SQLite 32k, PG 65k)
-    ncols = max(len(rows[0]), 1)
-    chunk = max(1, 30000 // ncols)
-    for i in range(0, len(rows), chunk):
-        session.execute(stmt, list(rows[i : i + chunk]))
+        return stmt.on_conflict_do_update(index_elements=list(key), set_={c: stmt.excluded[c] for c in update})
+    return stmt.on_conflict_do_nothing(index_elements=list(key))

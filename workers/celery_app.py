@@ -48,6 +48,8 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_send_task_events=True,
+        # task events batched on a 50 ms timer (workers/consumer.py): one PUBLISH per interval, not per event
+        worker_consumer="workers.consumer:Consumer",
         task_send_sent_event=True,
         task_track_started=True,
         task_ignore_result=True,
