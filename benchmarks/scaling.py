@@ -10,7 +10,9 @@ schedule) and measures from submit to the job's recorded end. ``speedup`` = wall
 (target >= 1.8 with 2 workers on 2 cores); ``cores_busy`` = CPU seconds of the worker processes / wall, i.e. how
 many cores the workers actually got (on a machine shared with other work it caps the speedup); ``efficiency`` =
 pairs per CPU-second relative to 1 worker, and ``speedup_on_free_cores`` = workers x efficiency, the speedup with
-every worker on a core of its own.
+every worker on a core of its own. ``plain_speedup``: the same pairs decoded and inverted by N plain processes
+(no broker, no DB) in the same run, i.e. the scaling the machine itself allows; the system's ``speedup`` is
+measured against it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,47 @@ def run_invert(settings, args_ns, timeout: float = 1800) -> float:
         raise RuntimeError(f"invert job {job_id} ended {job.state}: {job.error}")
     end = job.finished_at if job.finished_at.tzinfo else job.finished_at.replace(tzinfo=timezone.utc)
     return end.timestamp() - t0
+
+
+def _plain_process(model: str, batches: list, size: int, barrier, out) -> None:
+    """One plain process: load the model and warm up, wait for the others, decode + invert its batches."""
+    import torch
+
+    torch.set_num_threads(1)
+    from workers.ml.inversion import invert_pairs, make_config
+    from workers.ml.m3fd import load_image_pair
+    from workers.ml.sd import load_sd
+
+    parts, cfg = load_sd(model), make_config("readme", size=size)
+    x = torch.zeros(1, 3, size, size)
+    invert_pairs(parts, x, x, cfg)  # warm-up, as the workers' warm-up job
+    barrier.wait()
+    t0 = time.perf_counter()
+    for b in batches:
+        loaded = [load_image_pair(p, size) for p in b]
+        invert_pairs(parts, torch.stack([y[0] for y in loaded]), torch.stack([y[1] for y in loaded]), cfg)
+    out.put(time.perf_counter() - t0)
+
+
+def run_plain(model: Path, data: Path, n: int, batch: int, size: int = 64) -> float:
+    """The machine's own scaling: the same pairs decoded and inverted by ``n`` plain processes (no broker, no DB;
+    batches dealt round-robin), one thread each, started together; wall seconds of the slowest."""
+    import multiprocessing as mp
+
+    from workers.ml.m3fd import find_pairs
+
+    pairs = find_pairs(data)
+    batches = [pairs[i : i + batch] for i in range(0, len(pairs), batch)]
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_plain_process, args=(str(model), batches[i::n], size, barrier, out))
+             for i in range(n)]
+    for pr in procs:
+        pr.start()
+    walls = [out.get(timeout=1800) for _ in procs]
+    for pr in procs:
+        pr.join()
+    return max(walls)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,12 +124,15 @@ def main(argv: list[str] | None = None) -> int:
                     meter.start()
                     wall = run_invert(settings, invert_args(data, model, shards, args.batch))
                     cpu = meter.stop()
+            plain = run_plain(model, data, n, args.batch)
             rows.append({"workers": n, "pairs": pairs, "shards": shards, "wall_s": round(wall, 2),
                          "pairs_per_s": round(pairs / wall, 2),
-                         "cores_busy": None if cpu is None else round(cpu / wall, 2)})
-            print(f"  {n} worker(s): {wall:.1f} s", flush=True)
+                         "cores_busy": None if cpu is None else round(cpu / wall, 2), "plain_wall_s": round(plain, 2)})
+            print(f"  {n} worker(s): {wall:.1f} s; {n} plain process(es): {plain:.1f} s", flush=True)
     for r in rows:
         r["speedup"] = round(rows[0]["wall_s"] / r["wall_s"], 2)
+        # what the machine itself gives N processes doing the same work without the system, in the same run
+        r["plain_speedup"] = round(rows[0]["plain_wall_s"] / r["plain_wall_s"], 2)
         if r["cores_busy"] and rows[0]["cores_busy"]:
             # pairs per CPU-second relative to 1 worker: the speedup the workers would reach with their cores free
             per_core, per_core_1 = r["pairs_per_s"] / r["cores_busy"], rows[0]["pairs_per_s"] / rows[0]["cores_busy"]
