@@ -133,6 +133,7 @@ def test_scaling_one_worker(tmp_path):
     assert scaling.main(["--pairs", "4", "--shards", "2", "--batch", "2", "--workers", "1", "--json", str(out)]) == 0
     (row,) = only(tables(out), "CPU inversion")
     assert row["workers"] == 1 and row["speedup"] == 1.0 and row["wall_s"] > 0
+    assert row["plain_wall_s"] > 0 and row["plain_speedup"] == 1.0  # the plain-process baseline ran too
 
 
 def test_inversion_cpu_and_no_gpu(tmp_path, capsys):
