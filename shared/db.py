@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, inspect
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.settings import Settings
@@ -152,6 +152,15 @@ def ensure_schema(settings: Settings) -> None:
 
         raise UserError("the results database has no tables: run `orchestrator db upgrade` first")
     _upgraded.add(url)
+
+
+@contextmanager
+def transaction(settings_or_url: Settings | str) -> Iterator[Connection]:
+    """A Core connection in a transaction that commits on success and rolls back on error: for hot paths that run
+    prebuilt statements and need no ORM session (workers/bookkeeping.py's claims)."""
+    url = settings_or_url if isinstance(settings_or_url, str) else settings_or_url.database_url
+    with get_engine(url).begin() as conn:
+        yield conn
 
 
 @contextmanager

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import JSON, and_, bindparam, case, func, or_, select, update
+from sqlalchemy import JSON, and_, bindparam, case, func, literal_column, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared import constants as C
-from shared.db import session_scope
+from shared.db import session_scope, transaction
 from shared.models import Job, Shard
 from shared.settings import Settings
 from shared.status import JobState, ShardState
@@ -78,6 +78,12 @@ def _p(name: str, type_=None):
     return bindparam(name, type_=type_)
 
 
+def _one_of(column, values: list[str]):
+    """``column IN ('a', 'b')`` with the values inlined: our own constants, so the statement needs no per-execution
+    expansion of an IN-list parameter (SQLAlchemy's "postcompile" step)."""
+    return column.in_([literal_column("'" + v.replace("'", "''") + "'") for v in values])
+
+
 #: Take the lease of a claimable shard (pending or queued, or running under no/our/an expired lease) of a live job.
 _TAKE = (
     _shards.update()
@@ -85,7 +91,7 @@ _TAKE = (
         _shards.c.job_id == _p("p_job"),
         _shards.c.index == _p("p_index"),
         or_(
-            _shards.c.state.in_([ShardState.PENDING.value, ShardState.QUEUED.value]),
+            _one_of(_shards.c.state, [ShardState.PENDING.value, ShardState.QUEUED.value]),
             and_(
                 _shards.c.state == ShardState.RUNNING.value,
                 or_(_shards.c.lease_owner.is_(None), _shards.c.lease_owner == _p("p_owner"),
@@ -93,7 +99,7 @@ _TAKE = (
             ),
         ),
         select(_jobs.c.id)
-        .where(_jobs.c.id == _p("p_job"), _jobs.c.state.in_([JobState.QUEUED.value, JobState.RUNNING.value]))
+        .where(_jobs.c.id == _p("p_job"), _one_of(_jobs.c.state, [JobState.QUEUED.value, JobState.RUNNING.value]))
         .exists(),
     )
     .values(state=ShardState.RUNNING.value, attempts=_shards.c.attempts + 1, lease_owner=_p("p_owner"),
@@ -138,8 +144,7 @@ def claim_shard(settings: Settings, job_id: str, index: int, owner: str) -> Clai
         known = _STARTED_JOBS.get(key)
     params = {"p_job": job_id, "p_index": int(index), "p_owner": owner, "p_now": now,
               "p_expires": now + timedelta(seconds=settings.lease_seconds), "p_worker": owner.rsplit(":", 1)[0]}
-    with session_scope(settings) as s:
-        conn = s.connection()
+    with transaction(settings) as conn:
         if known is None:
             job = conn.execute(
                 select(_jobs.c.kind, _jobs.c.spec, _jobs.c.state, _jobs.c.started_at).where(_jobs.c.id == job_id)

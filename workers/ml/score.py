@@ -239,12 +239,19 @@ def anneal_langevin(
     alphas = step_sizes(sigmas, step_lr, rule)
     x = x_init.clone()
     b = x.shape[0]
+    # updated in place: one noise buffer and one sigma tensor for the whole run, no temporaries per step
+    # (benchmarks/README.md, NCSN sampling)
+    z, sigma = torch.empty_like(x), torch.empty((b,), device=x.device, dtype=x.dtype)
+    draw_here = generator is None or generator.device == x.device
     with torch.inference_mode():
         for sigma_i, alpha_i in zip(sigmas.tolist(), alphas.tolist(), strict=True):
-            sigma = torch.full((b,), sigma_i, device=x.device, dtype=x.dtype)
+            sigma.fill_(sigma_i)
             for _ in range(n_steps_each):
-                z = _randn(x.shape, x, generator)
-                x = x + (alpha_i / 2) * score_fn(x, sigma).to(x.dtype) + math.sqrt(alpha_i) * z
+                if draw_here:
+                    z.normal_(generator=generator)
+                else:  # e.g. a CPU generator for CUDA samples (same numbers on any device)
+                    z.copy_(_randn(x.shape, x, generator))
+                x.add_(score_fn(x, sigma).to(x.dtype), alpha=alpha_i / 2).add_(z, alpha=math.sqrt(alpha_i))
         if final_denoise:
             sigma_last = float(sigmas[-1])
             sigma = torch.full((b,), sigma_last, device=x.device, dtype=x.dtype)
