@@ -15,7 +15,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,24 +73,10 @@ def machine() -> str:
 @contextmanager
 def pg_database(prefix: str = "orch_bench") -> Iterator[str]:
     """A fresh PostgreSQL database migrated to head; dropped (WITH FORCE) on exit. Yields its SQLAlchemy URL."""
-    from sqlalchemy import create_engine, text
+    from shared.db import temporary_database
 
-    from shared import db
-
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    try:
-        db.upgrade(url)
+    with temporary_database(PG_ADMIN_URL, prefix) as url:
         yield url
-    finally:
-        for key in [k for k in db._engines if k[1] == url]:
-            db._engines.pop(key).dispose()
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def flush_redis(url: str) -> None:

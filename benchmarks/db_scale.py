@@ -225,10 +225,14 @@ def queries_to_time(settings: Settings, ids: dict[str, str]) -> list[tuple[str, 
         ("results INVERT --limit 50", lambda: queries.results(settings, inv, limit=50)),
         (f"results INVERT --limit 50 --offset {max(ids['pairs_inv'] - 50, 0)}",
          lambda: queries.results(settings, inv, limit=50, offset=max(ids["pairs_inv"] - 50, 0))),
+        ("results INVERT --limit 50 --after KEY (the same last page, keyset)",
+         lambda: queries.results(settings, inv, limit=50, after=ids["inv_last_page_after"])),
         ("results INVERT (all pairs)", lambda: queries.results(settings, inv)),
         ("results EVAL --limit 50", lambda: queries.results(settings, ev, limit=50)),
         (f"results EVAL --limit 50 --offset {max(ids['pairs_eval'] - 50, 0)}",
          lambda: queries.results(settings, ev, limit=50, offset=max(ids["pairs_eval"] - 50, 0))),
+        ("results EVAL --limit 50 --after KEY (the same last page, keyset)",
+         lambda: queries.results(settings, ev, limit=50, after=ids["eval_last_page_after"])),
         ("results TRAIN (checkpoints)", lambda: queries.results(settings, tr)),
         ("metrics EVAL", lambda: queries.summary_metrics(settings, ev)),
         ("metrics TRAIN", lambda: queries.summary_metrics(settings, tr)),
@@ -278,6 +282,13 @@ def main(argv: list[str] | None = None) -> int:
                    for k in ("invert", "eval-translator", "train-translator")}
             size = c.execute(text("SELECT pg_size_pretty(pg_database_size(current_database()))")).scalar_one()
         ids["pairs_inv"], ids["pairs_eval"] = max(int(10_000 * scale), 1), max(int(25_000 * scale), 1)
+        # the key just before the last page of 50: what `--after` is given when paging from the previous page
+        from orchestrator import queries
+
+        ids["inv_last_page_after"] = queries.results(settings, ids["invert"], limit=1,
+                                                     offset=max(ids["pairs_inv"] - 51, 0))[0]["pair_id"]
+        ids["eval_last_page_after"] = queries.results(settings, ids["eval-translator"], limit=1,
+                                                      offset=max(ids["pairs_eval"] - 51, 0))[0]["item"]
         print(f"# database size {size}")
         rows = [time_query(name, fn, args.runs) for name, fn in queries_to_time(settings, ids)]
         emit(f"CLI queries on {counts['items']:,} items and {counts['metrics']:,} metrics ({args.runs} runs each)",

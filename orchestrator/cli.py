@@ -198,7 +198,7 @@ def cmd_results(args, settings: Settings) -> int:
     from orchestrator import queries
     from orchestrator.output import dumps, table, write_csv
 
-    rows = queries.results(settings, args.job, limit=args.limit, offset=args.offset)
+    rows = queries.results(settings, args.job, limit=args.limit, offset=args.offset, after=args.after)
     if args.json or args.format == "json":
         _print(dumps(rows))
     elif args.format == "csv":
@@ -343,22 +343,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["table", "json", "csv"], default="table")
     s.add_argument("--limit", type=int, default=None)
     s.add_argument("--offset", type=int, default=0)
+    s.add_argument("--after", default=None, metavar="KEY",
+                   help="start after this pair id / item (keyset paging: fast at any depth; the last key of a page)")
     s.add_argument("--json", action="store_true", help="same as --format json")
 
     s = sub.add_parser("metrics", help="a job's summary metrics as {name: value}")
     s.add_argument("job")
     s.add_argument("--json", action="store_true")
 
-    s = sub.add_parser("cancel", help="cancel a job (running training saves a checkpoint first)")
-    s.add_argument("job")
-    s.add_argument("--json", action="store_true")
-    s = sub.add_parser("resume", help="re-enqueue only the unfinished shards of a job")
-    s.add_argument("job")
-    s.add_argument("--json", action="store_true")
-    s = sub.add_parser("retry", help="re-enqueue the failed shards of a job")
-    s.add_argument("job")
-    s.add_argument("--failed", action="store_true")
-    s.add_argument("--json", action="store_true")
+    for name, what in (("cancel", "cancel a job (running training saves a checkpoint first)"),
+                       ("resume", "re-enqueue only the unfinished shards of a job"),
+                       ("retry", "re-enqueue the failed shards of a job")):
+        s = sub.add_parser(name, help=what)
+        s.add_argument("job")
+        s.add_argument("--json", action="store_true")
+    s.add_argument("--failed", action="store_true")  # retry's
 
     s = sub.add_parser("reap", help="re-enqueue shards with expired leases and jobs orphaned before publishing")
     s.add_argument("--stale-after", type=float, default=30.0, help="seconds a job may stay queued unpublished")

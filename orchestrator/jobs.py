@@ -38,16 +38,18 @@ def create_job(
     with session_scope(settings) as s:
         s.add(Job(id=job_id, kind=kind, spec=spec, state=JobState.QUEUED.value, shards_total=n_shards))
         s.flush()
-        s.execute(insert(Shard), [{"job_id": job_id, "index": i, "state": ShardState.PENDING.value}
-                                  for i in range(n_shards)])
+        # Core executemany (multi-row VALUES), not the ORM's bulk path: the same rows at a fraction of the CPU
+        conn = s.connection()
+        conn.execute(insert(Shard.__table__), [{"job_id": job_id, "index": i, "state": ShardState.PENDING.value}
+                                               for i in range(n_shards)])
         if items:
-            s.execute(insert(Item), [{"job_id": job_id, **it} for it in items])
+            conn.execute(insert(Item.__table__), [{"job_id": job_id, **it} for it in items])
         if lineage:
-            s.execute(insert(Lineage), [{"job_id": job_id, "input_kind": k, "input_ref": r, "role": role}
-                                        for k, r, role in lineage])
+            conn.execute(insert(Lineage.__table__), [{"job_id": job_id, "input_kind": k, "input_ref": r,
+                                                      "role": role} for k, r, role in lineage])
         if rejections:
-            s.execute(insert(Rejection), [{"job_id": job_id, "kind": k, "ref": r, "reason": why}
-                                          for k, r, why in rejections])
+            conn.execute(insert(Rejection.__table__), [{"job_id": job_id, "kind": k, "ref": r, "reason": why}
+                                                       for k, r, why in rejections])
     return job_id
 
 
@@ -56,7 +58,7 @@ def submit(settings: Settings, kind: str, spec: dict[str, Any], n_shards: int, i
     """Create the rows, then publish the shards. A crash in between leaves a `queued` job with pending shards that
     `orchestrator resume` (or the reaper) publishes; nothing is lost."""
     job_id = create_job(settings, kind, spec, n_shards, items, lineage, rejections)
-    enqueue_shards(settings, job_id)
+    enqueue_shards(settings, job_id, range(n_shards), kind)
     return job_id
 
 

@@ -76,9 +76,14 @@ def list_jobs(settings: Settings, kind: str | None = None, state: str | None = N
     ]
 
 
-def results(settings: Settings, job_id: str, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+def results(settings: Settings, job_id: str, limit: int | None = None, offset: int = 0,
+            after: str | None = None) -> list[dict[str, Any]]:
     """One record per result of the job: pairs for invert, checkpoints for training, per-item metrics for
-    evaluations, artifacts otherwise."""
+    evaluations, artifacts otherwise.
+
+    Pages: ``limit`` and ``offset``, or ``after`` (keyset: the records after this pair id / item, in order), which
+    costs the same on the last page as on the first (an offset makes the database walk past every earlier row).
+    """
     ensure_schema(settings)
     with session_scope(settings) as s:
         job = _job_or_error(s, job_id)
@@ -86,7 +91,7 @@ def results(settings: Settings, job_id: str, limit: int | None = None, offset: i
             q = (
                 select(Item.pair_id, Item.split, Item.shard_index, Item.position, Artifact.uri, Artifact.sha256)
                 .outerjoin(Artifact, Artifact.id == Item.artifact_id)
-                .where(Item.job_id == job_id)
+                .where(Item.job_id == job_id, *([Item.pair_id > after] if after is not None else []))
                 .order_by(Item.pair_id)
                 .offset(offset)
             )
@@ -116,7 +121,8 @@ def results(settings: Settings, job_id: str, limit: int | None = None, offset: i
         if has_items:
             page = (
                 select(Metric.item)
-                .where(Metric.job_id == job_id, Metric.step == C.SUMMARY_STEP, Metric.item > C.NO_ITEM)
+                .where(Metric.job_id == job_id, Metric.step == C.SUMMARY_STEP,
+                       Metric.item > (C.NO_ITEM if after is None else max(after, C.NO_ITEM)))
                 .group_by(Metric.item).order_by(Metric.item).offset(offset)
             )
             if limit:

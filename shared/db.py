@@ -214,3 +214,27 @@ def _upsert_statement(dialect: str, model, key: tuple[str, ...], update: tuple[s
     if update:
         return stmt.on_conflict_do_update(index_elements=list(key), set_={c: stmt.excluded[c] for c in update})
     return stmt.on_conflict_do_nothing(index_elements=list(key))
+
+
+@contextmanager
+def temporary_database(admin_url: str, prefix: str = "orch_tmp") -> Iterator[str]:
+    """A fresh PostgreSQL database, migrated to head, on the server of ``admin_url`` (a role that may CREATE
+    DATABASE); dropped WITH (FORCE) on exit. Yields its URL. For tests, benchmarks and fault drills."""
+    import uuid
+
+    from sqlalchemy import text
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        for key in [k for k in _engines if k[1] == url]:
+            _engines.pop(key).dispose()
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

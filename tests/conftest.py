@@ -58,22 +58,10 @@ def embedded(tmp_path) -> Settings:
 def pg_database():
     """A fresh PostgreSQL database for this test session, dropped at the end."""
     require_servers()
-    from sqlalchemy import create_engine, text
+    from shared.db import temporary_database
 
-    name = f"orch_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    from shared import db
-
-    db.upgrade(url)
-    yield url
-    for key in [k for k in db._engines if k[1] == url]:
-        db._engines.pop(key).dispose()
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with temporary_database(PG_ADMIN_URL, "orch_test") as url:
+        yield url
 
 
 @pytest.fixture

@@ -18,7 +18,9 @@ from shared import constants as C
 from shared.settings import Settings
 
 
-def make_app(settings: Settings | None = None) -> Celery:
+def make_app(settings: Settings | None = None, sent_events: bool = True) -> Celery:
+    """The Celery app for ``settings``. ``sent_events=False``: publishes no task-sent event per message (bulk
+    submissions, workers/dispatch.py)."""
     settings = settings or Settings.from_env()
     broker_options: dict = {}
     transport = None
@@ -38,7 +40,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     elif settings.broker_url.startswith(("redis://", "rediss://")):
         broker_options = {"visibility_timeout": 2 * 3600}
 
-    app = Celery("orchestrator", broker=settings.broker_url, set_as_current=True)
+    app = Celery("orchestrator", broker=settings.broker_url, set_as_current=sent_events)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -50,7 +52,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_send_task_events=True,
         # task events batched on a 50 ms timer (workers/consumer.py): one PUBLISH per interval, not per event
         worker_consumer="workers.consumer:Consumer",
-        task_send_sent_event=True,
+        task_send_sent_event=sent_events,
         task_track_started=True,
         task_ignore_result=True,
         broker_transport=transport,

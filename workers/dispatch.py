@@ -23,12 +23,19 @@ from workers.bookkeeping import utcnow
 #: Messages published per pipeline (Redis) and per DB update of their shards.
 PUBLISH_CHUNK = 1000
 
+#: A submission of more messages than this publishes them without task-sent events. Each event costs twice its
+#: message to publish (benchmarks/README.md, "Submission"), and Flower keeps only its last 10,000 tasks (its
+#: ``max_tasks``), so 10,000 "sent" tasks would push every other task out of its list. Flower still sees each shard
+#: from the moment a worker receives it; shards waiting in the broker are in `orchestrator status` and in the
+#: exporter's queue-depth gauge.
+SENT_EVENTS_MAX = 1000
+
 
 @lru_cache(maxsize=8)
-def _app_for(settings: Settings) -> Celery:
+def _app_for(settings: Settings, sent_events: bool = True) -> Celery:
     from workers.celery_app import make_app
 
-    return make_app(settings)
+    return make_app(settings, sent_events=sent_events)
 
 
 def _batch(producer, max_size: int):
@@ -41,28 +48,43 @@ def get_app(settings: Settings) -> Celery:
     return _app_for(settings)
 
 
-def enqueue_shards(settings: Settings, job_id: str, indices: Sequence[int] | None = None) -> int:
+def queue_for(settings: Settings, task_name: str) -> str:
+    """The queue a task's messages go to, from the app's own routing (``task_routes``, else the default queue)."""
+    conf = get_app(settings).conf
+    route = (conf.task_routes or {}).get(task_name) or {}
+    return route.get("queue", conf.task_default_queue)
+
+
+def enqueue_shards(settings: Settings, job_id: str, indices: Sequence[int] | None = None,
+                   kind: str | None = None) -> int:
     """Publish one message per shard (all of the job's unfinished shards when `indices` is None).
 
     Shards go from pending to queued only after their message is out; a claim that already moved a shard to running
-    is never overwritten (the UPDATE is conditional on state = pending).
+    is never overwritten (the UPDATE is conditional on state = pending). A caller that knows the job's kind and the
+    shards (the submitter, which just created them) passes both and saves a read.
     """
-    with session_scope(settings) as s:
-        kind = s.execute(select(Job.kind).where(Job.id == job_id)).scalar_one()
-        if indices is None:
-            indices = list(
-                s.execute(
-                    select(Shard.index)
-                    .where(Shard.job_id == job_id, Shard.state == ShardState.PENDING)
-                    .order_by(Shard.index)
-                ).scalars()
-            )
+    if kind is None or indices is None:
+        with session_scope(settings) as s:
+            if kind is None:
+                kind = s.execute(select(Job.kind).where(Job.id == job_id)).scalar_one()
+            if indices is None:
+                indices = list(
+                    s.execute(
+                        select(Shard.index)
+                        .where(Shard.job_id == job_id, Shard.state == ShardState.PENDING)
+                        .order_by(Shard.index)
+                    ).scalars()
+                )
     if not indices:
         return 0
     task_name = C.TASK_FOR_KIND[kind]
-    app = get_app(settings)
     indices = [int(i) for i in indices]
+    app = _app_for(settings, sent_events=len(indices) <= SENT_EVENTS_MAX)
+    queue = app.amqp.queues[queue_for(settings, task_name)]
     with app.producer_or_acquire() as producer:
+        # declared once here rather than checked per message (kombu's maybe_declare binds a copy of the queue each
+        # time: ~0.1 ms a message); the repr strings Flower shows are built directly instead of by Celery's saferepr
+        producer.maybe_declare(queue)
         for start in range(0, len(indices), PUBLISH_CHUNK):
             chunk = indices[start : start + PUBLISH_CHUNK]
             # Redis: one pipeline per chunk (messages and their task-sent events) instead of two round trips per
@@ -72,7 +94,9 @@ def enqueue_shards(settings: Settings, job_id: str, indices: Sequence[int] | Non
             with _batch(producer, 2 * PUBLISH_CHUNK):
                 for i in chunk:
                     # send_task routes and publishes like apply_async, without building a signature per message
-                    app.send_task(task_name, kwargs={"job_id": job_id, "shard_index": i}, producer=producer)
+                    app.send_task(task_name, kwargs={"job_id": job_id, "shard_index": i}, producer=producer,
+                                  queue=queue, declare=[], argsrepr="()",
+                                  kwargsrepr=f"{{'job_id': {job_id!r}, 'shard_index': {i}}}")
             now = utcnow()
             with session_scope(settings) as s:
                 s.execute(

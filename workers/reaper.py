@@ -25,7 +25,7 @@ from shared.models import Job, Shard
 from shared.settings import Settings
 from shared.status import JobState, ShardState
 from workers.bookkeeping import utcnow
-from workers.dispatch import enqueue_shards
+from workers.dispatch import enqueue_shards, queue_for
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,9 @@ def _republish_lost(settings: Settings, now, requeue_after: float) -> list[tuple
     from orchestrator.exporter import queue_lengths
 
     lengths, _ = queue_lengths(settings)
-    routes = {C.TASK_TRAIN_RUN: C.QUEUE_TRAIN}
     out = []
     for shard_id, job_id, index, enqueued_at, kind in stale:
-        queue = routes.get(C.TASK_FOR_KIND[kind], C.QUEUE_CPU if kind == C.KIND_BENCH else C.QUEUE_GPU)
+        queue = queue_for(settings, C.TASK_FOR_KIND[kind])
         if lengths.get(queue, 1) != 0:
             continue  # a backlog: the message is most likely still waiting
         with session_scope(settings) as s:

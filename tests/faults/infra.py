@@ -236,22 +236,8 @@ class Tmpfs:
 
 @contextmanager
 def temporary_pg_database(admin_url: str) -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database on the shared server (as tests/conftest.py's pg_database), dropped after."""
-    from sqlalchemy import create_engine, text
+    """A fresh, migrated PostgreSQL database on the shared server, dropped after."""
+    from shared.db import temporary_database
 
-    from shared import db
-
-    name = f"orch_faults_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
-    try:
-        db.upgrade(url)
+    with temporary_database(admin_url, "orch_faults") as url:
         yield url
-    finally:
-        for key in [k for k in db._engines if k[1] == url]:
-            db._engines.pop(key).dispose()
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()

@@ -61,3 +61,39 @@ def test_malformed_and_pickle_messages(embedded, tiny_sd, m3fd_small, tmp_path):
     assert tuple(state) == ("pending", 0)  # the pickle message was refused, never executed
     log = (tmp_path / "logs" / "worker-0.log").read_text()
     assert "pickle" in log  # Celery says why it refused it
+
+
+def test_every_kind_routes_to_a_known_queue(embedded):
+    """The reaper republishes a lost message to the queue the app routes its task to (one source of routing)."""
+    from shared import constants as C
+    from workers.dispatch import queue_for
+
+    queues = {kind: queue_for(embedded, task) for kind, task in C.TASK_FOR_KIND.items()}
+    assert set(queues.values()) <= set(C.QUEUES)
+    assert queues[C.KIND_INVERT] == C.QUEUE_GPU and queues[C.KIND_BENCH] == C.QUEUE_CPU
+    assert queues[C.KIND_TRAIN_NCSN] == C.QUEUE_TRAIN
+
+
+def test_large_submissions_publish_without_sent_events(embedded, monkeypatch):
+    """Up to SENT_EVENTS_MAX messages go out with task-sent events (Flower lists them as sent); a larger
+    submission's do not (each event costs twice its message, and Flower keeps only its last 10,000 tasks)."""
+    from orchestrator import jobs
+    from shared import constants as C
+    from workers import dispatch
+
+    used = []
+    real = dispatch._app_for
+
+    def spy(settings, **kw):  # the publishing app is asked for with sent_events=...; get_app() asks without
+        if "sent_events" in kw:
+            used.append(kw["sent_events"])
+        return real(settings, **kw)
+
+    monkeypatch.setattr(dispatch, "_app_for", spy)
+    monkeypatch.setattr(dispatch, "SENT_EVENTS_MAX", 3)
+    jobs.submit(embedded, C.KIND_BENCH, {}, 3)
+    jobs.submit(embedded, C.KIND_BENCH, {}, 4)
+    assert used == [True, False]
+    assert real(embedded, False).conf.task_send_sent_event is False
+    assert real(embedded, True).conf.task_send_sent_event is True
+    assert len(list((embedded.broker_folder / "in").glob("*.cpu.msg"))) == 7  # every message out either way

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
@@ -12,19 +11,6 @@ from workers.ml.classifier import MnistClassifier, load_classifier
 from workers.ml.mnist import load_mnist
 from workers.train import classifier
 from workers.train.common import sha256_file
-
-
-@pytest.fixture
-def in_process(monkeypatch):
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(threads)
-    for s, h in old.items():
-        signal.signal(s, h)
 
 
 def test_trains_and_reports_test_accuracy(tmp_path, in_process) -> None:

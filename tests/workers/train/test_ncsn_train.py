@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -16,20 +15,6 @@ from workers.ml.score import NCSN_PRESETS
 from workers.train import ncsn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-
-@pytest.fixture
-def in_process(monkeypatch):
-    """Run ``main`` in this process: no torchrun variables, and pytest's signal handlers put back after."""
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(threads)
-    for s, h in old.items():
-        signal.signal(s, h)
 
 
 def write_config(tmp_path, name: str, **overrides) -> str:
