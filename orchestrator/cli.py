@@ -197,7 +197,11 @@ def cmd_jobs(args, settings: Settings) -> int:
 def cmd_results(args, settings: Settings) -> int:
     from orchestrator import queries
     from orchestrator.output import dumps, table, write_csv
+    from orchestrator.validate import check_positive
 
+    check_positive("--limit", args.limit)
+    if args.offset < 0:
+        raise UserError(f"--offset must be 0 or more (got {args.offset})")
     rows = queries.results(settings, args.job, limit=args.limit, offset=args.offset, after=args.after)
     if args.json or args.format == "json":
         _print(dumps(rows))

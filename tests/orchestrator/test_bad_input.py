@@ -173,3 +173,8 @@ def test_image_broken_after_submission(tmp_path, data, tiny_sd, skip_bad):
         unset = ss.execute(select(Item.pair_id).where(Item.job_id == job_id, Item.artifact_id.is_(None))).scalars()
         assert [r for r in rej if victim in r] and len(rej) == 1 and list(unset) == [victim]
     assert jobs.get_job(s, job_id).state == "succeeded"
+
+
+def test_bad_result_pages_are_refused(home, capsys):
+    refused(capsys, ["results", "any-job", "--offset", "-1"], "--offset")
+    refused(capsys, ["results", "any-job", "--limit", "0"], "--limit")
