@@ -114,9 +114,11 @@ def results(settings: Settings, job_id: str, limit: int | None = None, offset: i
                 for c, st, ep, r, u, h, b in s.execute(q).all()
             ]
         # per-item metrics (evaluations): a page of items in SQL, then their metrics (ix_metrics_job_step_item)
+        # ordered by item so that the planner walks ix_metrics_job_step_item: with a bare LIMIT 1 it may pick a
+        # sequential scan, which is quick when the job's rows happen to be early in the table and slow when not
         has_items = s.execute(
-            select(Metric.id).where(Metric.job_id == job_id, Metric.step == C.SUMMARY_STEP, Metric.item > C.NO_ITEM)
-            .limit(1)
+            select(Metric.item).where(Metric.job_id == job_id, Metric.step == C.SUMMARY_STEP, Metric.item > C.NO_ITEM)
+            .order_by(Metric.item).limit(1)
         ).first()
         if has_items:
             page = (
