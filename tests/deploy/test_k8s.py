@@ -25,25 +25,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.deploy.tools import need
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
-CI = bool(os.environ.get("CI"))
 #: Oldest Kubernetes these manifests target (Indexed Jobs, pod failure handling, KEDA 2.x all need >= 1.27).
 K8S_VERSIONS = ("1.29.0", "latest")
 SECRET_NAME = "orch-secrets"
 CREDENTIAL = re.compile(r"PASSWORD|AUTH|SECRET|TOKEN")
 #: uid of the `orch` user in both Dockerfiles.
 IMAGE_UID = 10001
-
-
-def _need(module: str):
-    try:
-        return __import__(module)
-    except ImportError:
-        msg = f"{module} is not installed (pip install -e '.[dev]')"
-        if CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
 
 
 def _kustomization() -> dict:
@@ -120,7 +111,7 @@ _CORE = [(f, d) for f, d in _all_docs() if not d["apiVersion"].startswith("keda.
     "doc", [d for _, d in _CORE], ids=[f"{f}:{d['kind']}/{d['metadata']['name']}" for f, d in _CORE]
 )
 def test_manifest_matches_the_kubernetes_schema(doc, version):
-    kv = _need("kubernetes_validate")
+    kv = need("kubernetes_validate")
     if version == "latest":
         version = kv.latest_version()
     try:
@@ -130,7 +121,7 @@ def test_manifest_matches_the_kubernetes_schema(doc, version):
 
 
 def test_strict_schema_check_is_not_vacuous():
-    kv = _need("kubernetes_validate")
+    kv = need("kubernetes_validate")
     doc = _get("Deployment", "gpu-worker")
     doc["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["exec"]["comand"] = ["true"]
     with pytest.raises(kv.ValidationError, match="comand"):
@@ -276,7 +267,7 @@ def _keda_docs() -> list[dict]:
 
 
 def test_keda_objects_match_their_schema():
-    jsonschema = _need("jsonschema")
+    jsonschema = need("jsonschema")
     kinds = sorted(d["kind"] for d in _keda_docs())
     assert kinds == ["ScaledObject", "TriggerAuthentication"]
     for doc in _keda_docs():

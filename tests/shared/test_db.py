@@ -24,19 +24,32 @@ def _kill(settings, pid: int) -> None:
     other.dispose()
 
 
-def test_an_idle_connection_killed_by_the_server_is_replaced_transparently(servers, monkeypatch):
+@pytest.fixture
+def one_connection(servers):
+    """The servers' engine with an empty pool: the tests below then see one pooled connection, the one they kill,
+    and leave no dead connection behind for later tests (whose set-up does not retry)."""
+    engine = db.get_engine(servers.database_url)
+    engine.dispose()
+    yield servers
+    engine.dispose()
+
+
+def test_an_idle_connection_killed_by_the_server_is_replaced_transparently(one_connection, monkeypatch):
     """A pooled connection idle for longer than PING_AFTER_IDLE_SECONDS is pinged at checkout; a dead one is
     replaced without the caller seeing an error (a restarted PostgreSQL, an idle timeout of a proxy)."""
+    servers = one_connection
     monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.05)
     pid = _backend_pid(servers)
+    assert _backend_pid(servers) == pid  # one pooled connection, handed out again
     _kill(servers, pid)
     time.sleep(0.1)
     assert _backend_pid(servers) != pid  # no error: the ping found it dead and the pool reconnected
 
 
-def test_a_connection_killed_right_after_use_fails_once_then_reconnects(servers, monkeypatch):
+def test_a_connection_killed_right_after_use_fails_once_then_reconnects(one_connection, monkeypatch):
     """Within the idle window the connection is handed out unpinged (no round trip on the hot path): its first
     statement fails as a disconnect, which callers retry as transient, and the next checkout is a fresh one."""
+    servers = one_connection
     monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 3600)
     pid = _backend_pid(servers)
     _kill(servers, pid)
