@@ -218,21 +218,24 @@ def queries_to_time(settings: Settings, ids: dict[str, str]) -> list[tuple[str, 
     from orchestrator import queries
 
     inv, ev, tr = ids["invert"], ids["eval-translator"], ids["train-translator"]
+
+    def last_page(label: str, job: str, n: int, after: str) -> list[tuple[str, Callable[[], object]]]:
+        """The job's last page of 50 by offset, and the same page by keyset (``after`` = the key before it)."""
+        offset = max(n - 50, 0)
+        return [(f"results {label} --limit 50 --offset {offset}",
+                 lambda: queries.results(settings, job, limit=50, offset=offset)),
+                (f"results {label} --limit 50 --after KEY (the same last page, keyset)",
+                 lambda: queries.results(settings, job, limit=50, after=after))]
+
     return [
         ("status INVERT", lambda: queries.job_status(settings, inv)),
         ("jobs", lambda: queries.list_jobs(settings)),
         ("jobs --kind invert", lambda: queries.list_jobs(settings, kind="invert")),
         ("results INVERT --limit 50", lambda: queries.results(settings, inv, limit=50)),
-        (f"results INVERT --limit 50 --offset {max(ids['pairs_inv'] - 50, 0)}",
-         lambda: queries.results(settings, inv, limit=50, offset=max(ids["pairs_inv"] - 50, 0))),
-        ("results INVERT --limit 50 --after KEY (the same last page, keyset)",
-         lambda: queries.results(settings, inv, limit=50, after=ids["inv_last_page_after"])),
+        *last_page("INVERT", inv, ids["pairs_inv"], ids["inv_last_page_after"]),
         ("results INVERT (all pairs)", lambda: queries.results(settings, inv)),
         ("results EVAL --limit 50", lambda: queries.results(settings, ev, limit=50)),
-        (f"results EVAL --limit 50 --offset {max(ids['pairs_eval'] - 50, 0)}",
-         lambda: queries.results(settings, ev, limit=50, offset=max(ids["pairs_eval"] - 50, 0))),
-        ("results EVAL --limit 50 --after KEY (the same last page, keyset)",
-         lambda: queries.results(settings, ev, limit=50, after=ids["eval_last_page_after"])),
+        *last_page("EVAL", ev, ids["pairs_eval"], ids["eval_last_page_after"]),
         ("results TRAIN (checkpoints)", lambda: queries.results(settings, tr)),
         ("metrics EVAL", lambda: queries.summary_metrics(settings, ev)),
         ("metrics TRAIN", lambda: queries.summary_metrics(settings, tr)),

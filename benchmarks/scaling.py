@@ -51,8 +51,8 @@ def _plain_process(model: str, batches: list, size: int, barrier, out) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from benchmarks.inversion import load_batch
     from workers.ml.inversion import invert_pairs, make_config
-    from workers.ml.m3fd import load_image_pair
     from workers.ml.sd import load_sd
 
     parts, cfg = load_sd(model), make_config("readme", size=size)
@@ -61,8 +61,7 @@ def _plain_process(model: str, batches: list, size: int, barrier, out) -> None:
     barrier.wait()
     t0 = time.perf_counter()
     for b in batches:
-        loaded = [load_image_pair(p, size) for p in b]
-        invert_pairs(parts, torch.stack([y[0] for y in loaded]), torch.stack([y[1] for y in loaded]), cfg)
+        invert_pairs(parts, *load_batch(b, size), cfg)
     out.put(time.perf_counter() - t0)
 
 

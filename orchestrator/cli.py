@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=what)
         s.add_argument("job")
         s.add_argument("--json", action="store_true")
-    s.add_argument("--failed", action="store_true")  # retry's
+        if name == "retry":
+            s.add_argument("--failed", action="store_true")
 
     s = sub.add_parser("reap", help="re-enqueue shards with expired leases and jobs orphaned before publishing")
     s.add_argument("--stale-after", type=float, default=30.0, help="seconds a job may stay queued unpublished")

@@ -91,10 +91,12 @@ def results(settings: Settings, job_id: str, limit: int | None = None, offset: i
             q = (
                 select(Item.pair_id, Item.split, Item.shard_index, Item.position, Artifact.uri, Artifact.sha256)
                 .outerjoin(Artifact, Artifact.id == Item.artifact_id)
-                .where(Item.job_id == job_id, *([Item.pair_id > after] if after is not None else []))
+                .where(Item.job_id == job_id)
                 .order_by(Item.pair_id)
                 .offset(offset)
             )
+            if after is not None:
+                q = q.where(Item.pair_id > after)
             if limit:
                 q = q.limit(limit)
             return [
@@ -123,8 +125,7 @@ def results(settings: Settings, job_id: str, limit: int | None = None, offset: i
         if has_items:
             page = (
                 select(Metric.item)
-                .where(Metric.job_id == job_id, Metric.step == C.SUMMARY_STEP,
-                       Metric.item > (C.NO_ITEM if after is None else max(after, C.NO_ITEM)))
+                .where(Metric.job_id == job_id, Metric.step == C.SUMMARY_STEP, Metric.item > (after or C.NO_ITEM))
                 .group_by(Metric.item).order_by(Metric.item).offset(offset)
             )
             if limit:

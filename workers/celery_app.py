@@ -18,9 +18,9 @@ from shared import constants as C
 from shared.settings import Settings
 
 
-def make_app(settings: Settings | None = None, sent_events: bool = True) -> Celery:
+def make_app(settings: Settings | None = None, sent_events: bool = True, set_as_current: bool = True) -> Celery:
     """The Celery app for ``settings``. ``sent_events=False``: publishes no task-sent event per message (bulk
-    submissions, workers/dispatch.py)."""
+    submissions, workers/dispatch.py, which also keeps that app from becoming Celery's current app)."""
     settings = settings or Settings.from_env()
     broker_options: dict = {}
     transport = None
@@ -40,7 +40,7 @@ def make_app(settings: Settings | None = None, sent_events: bool = True) -> Cele
     elif settings.broker_url.startswith(("redis://", "rediss://")):
         broker_options = {"visibility_timeout": 2 * 3600}
 
-    app = Celery("orchestrator", broker=settings.broker_url, set_as_current=sent_events)
+    app = Celery("orchestrator", broker=settings.broker_url, set_as_current=set_as_current)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -35,7 +35,7 @@ SENT_EVENTS_MAX = 1000
 def _app_for(settings: Settings, sent_events: bool = True) -> Celery:
     from workers.celery_app import make_app
 
-    return make_app(settings, sent_events=sent_events)
+    return make_app(settings, sent_events=sent_events, set_as_current=sent_events)  # the bulk app: never current
 
 
 def _batch(producer, max_size: int):
