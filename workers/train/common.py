@@ -178,8 +178,13 @@ def setup_distributed(device: str = "auto") -> DistInfo:
 
 
 def teardown_distributed(info: DistInfo) -> None:
-    """Leave the process group (clean exits only; a crashing rank just exits and torchrun reaps the rest)."""
+    """Leave the process group (clean exits only; a crashing rank just exits and torchrun reaps the rest).
+
+    The ranks meet at a barrier first: otherwise a rank that is done while rank 0 still writes the final checkpoint
+    tears its gloo connections down under a peer still in use, and can die in C++ at exit ("terminate called
+    without an active exception", SIGABRT), which fails a finished run."""
     if info.ddp and dist.is_initialized():
+        dist.barrier(group=info.cpu_group)
         dist.destroy_process_group()
 
 
