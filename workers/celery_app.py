@@ -16,6 +16,10 @@ from kombu import Exchange, Queue
 
 from shared import constants as C
 from shared.settings import Settings
+from workers.ml.weights import force_weights_only
+
+# every torch.load in a worker and its torchrun children is weights-only, third-party loaders included
+force_weights_only()
 
 
 def make_app(settings: Settings | None = None, sent_events: bool = True, set_as_current: bool = True) -> Celery:

@@ -112,6 +112,9 @@ class _InceptionExtractor(nn.Module):
         super().__init__()
         from torchmetrics.image.fid import NoTrainInceptionV3
 
+        from workers.ml.weights import force_weights_only
+
+        force_weights_only()  # torch-fidelity loads the weights file with weights_only=False: overridden here
         # torchmetrics' subclass of torch-fidelity's network: same resizing (antialiased bilinear to 299)
         # and input scaling as FrechetInceptionDistance(feature=2048) and InceptionScore() use
         self.net = NoTrainInceptionV3(

@@ -125,11 +125,10 @@ def load_sample_arrays(s: Session, storage, sample_job: str) -> np.ndarray:
 
 def load_classifier_checkpoint(path: str, device: str):
     """An MNIST classifier from a training checkpoint (harness format) or a `save_classifier` file."""
-    import torch
-
     from workers.ml.classifier import MnistClassifier, load_classifier
+    from workers.ml.weights import load_weights
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_weights(path, "classifier checkpoint")  # weights only: a checkpoint in storage must not run code
     if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:
         model = MnistClassifier()
         model.load_state_dict(ckpt["model"])
