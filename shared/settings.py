@@ -12,10 +12,11 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from shared import constants as C
 
@@ -63,16 +64,31 @@ class Settings:
                 (self.broker_folder / sub).mkdir(parents=True, exist_ok=True)
 
 
+#: Query parameters whose value is a credential: sslpassword, api_key, X-Amz-Signature, auth_token, credentials, ...
+_SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|sig|credential|auth", re.IGNORECASE)
+
+
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for logs and `orchestrator db url`)."""
+    """The URL with every credential replaced by ``***`` (for logs and `orchestrator db url`): the password of
+    ``user:pass@``, and the value of each query parameter named like a secret (``?password=``, ``&token=``, ...).
+    Everything else, IPv6 brackets and the user name included, is kept as written."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "***"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:***@{hostport}" if colon else netloc
+    query = "&".join(_mask_param(p) for p in parts.query.split("&"))
+    # rebuilt by hand: urlunsplit would turn sqlite://// into sqlite://
+    scheme = f"{parts.scheme}:" if parts.scheme else ""
+    authority = f"//{netloc}" if url[len(scheme):].startswith("//") else ""
+    return (scheme + authority + parts.path + (f"?{query}" if "?" in url.split("#", 1)[0] else "")
+            + (f"#{parts.fragment}" if "#" in url else ""))
+
+
+def _mask_param(param: str) -> str:
+    name, eq, _value = param.partition("=")
+    return f"{name}=***" if eq and _SECRET_PARAM.search(unquote(name)) else param
