@@ -14,6 +14,9 @@ What Flower shows and why:
 - With the embedded filesystem broker, kombu cannot auto-delete Flower's event queue: its binding would outlive
   Flower and every later worker event would pile up as a file. The binding and its files are removed when Flower
   stops.
+- Without credentials Flower listens on 127.0.0.1 only, and says so: its pages show every task's arguments and
+  worker. Serving other hosts needs --basic-auth (or FLOWER_BASIC_AUTH / FLOWER_AUTH), or an explicit
+  --insecure-public.
 - The REST API stays closed without credentials: Flower refuses API calls unless basic auth (or OAuth) is on or
   FLOWER_UNAUTHENTICATED_API is true, and this command only lets that variable through with --unauthenticated-api.
 """
@@ -21,9 +24,11 @@ What Flower shows and why:
 from __future__ import annotations
 
 import ast
+import ipaddress
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,6 +52,33 @@ def check_basic_auth(value: str) -> str:
         if not sep or not user or not password:
             raise UserError("--basic-auth must be user:password (several separated by commas), both non-empty")
     return value
+
+
+#: Where Flower listens when no credentials protect it.
+LOOPBACK = "127.0.0.1"
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost, or "" (all interfaces)
+
+
+def listen_address(address: str | None, authenticated: bool, insecure_public: bool = False) -> str:
+    """The interface Flower listens on: anything with credentials (default: all interfaces), loopback without
+    them unless --insecure-public says otherwise. UserError for a public address with neither."""
+    if authenticated or insecure_public:
+        return address or ""
+    if address is None:
+        return LOOPBACK
+    if not _is_loopback(address):
+        where = f"--address {address}" if address else "all interfaces"
+        raise UserError(f"Flower without authentication may not listen on {where}: pass --basic-auth USER:PASS "
+                        "(or set FLOWER_BASIC_AUTH), or --insecure-public to serve it openly anyway")
+    return address
 
 
 def flower_argv(port: int, address: str = "", basic_auth: str | None = None, url_prefix: str | None = None,
@@ -157,8 +189,9 @@ def unbind_event_queues(settings: Settings, queues: set[str]) -> None:
             p.unlink(missing_ok=True)
 
 
-def run_flower(settings: Settings, port: int = 5555, address: str = "", basic_auth: str | None = None,
-               unauthenticated_api: bool = False, url_prefix: str | None = None, extra: Sequence[str] = ()) -> int:
+def run_flower(settings: Settings, port: int = 5555, address: str | None = None, basic_auth: str | None = None,
+               unauthenticated_api: bool = False, url_prefix: str | None = None, extra: Sequence[str] = (),
+               insecure_public: bool = False) -> int:
     """Run Flower in this process until SIGTERM/SIGINT; returns the exit status.
 
     Other Flower options can still come from its FLOWER_* environment variables (e.g. FLOWER_BASIC_AUTH,
@@ -172,8 +205,14 @@ def run_flower(settings: Settings, port: int = 5555, address: str = "", basic_au
         log.warning("%s ignored: pass --unauthenticated-api to serve the REST API without credentials",
                     UNAUTHENTICATED_API_ENV)
         os.environ.pop(UNAUTHENTICATED_API_ENV)
-    if not (basic_auth or os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH")):
-        log.warning("Flower runs without authentication: its REST API answers 401 unless --basic-auth is given")
+    authenticated = bool(basic_auth or os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH"))
+    address = listen_address(address, authenticated, insecure_public)
+    if not authenticated:
+        if _is_loopback(address):
+            note = f"listening on {address} only; pass --basic-auth USER:PASS to serve other hosts"
+        else:
+            note = f"listening on {address or 'all interfaces'} OPENLY (--insecure-public)"
+        print(f"Flower runs without authentication (its REST API answers 401), {note}", file=sys.stderr, flush=True)
     install_progress_state()
     from flower.options import options as flower_options
 

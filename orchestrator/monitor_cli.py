@@ -13,7 +13,8 @@ def cmd_flower(args, settings: Settings) -> int:
     from orchestrator.flower import run_flower
 
     return run_flower(settings, port=args.port, address=args.address, basic_auth=args.basic_auth,
-                      unauthenticated_api=args.unauthenticated_api, url_prefix=args.url_prefix)
+                      unauthenticated_api=args.unauthenticated_api, url_prefix=args.url_prefix,
+                      insecure_public=args.insecure_public)
 
 
 def cmd_watch(args, settings: Settings) -> int:
@@ -83,7 +84,10 @@ def add_parsers(sub) -> None:
     """Add this module's subcommands to the `orchestrator` parser."""
     p = sub.add_parser("flower", help="start Flower (live workers and tasks) against the configured broker")
     p.add_argument("--port", type=int, default=5555)
-    p.add_argument("--address", default="", help="interface to listen on (default: all)")
+    p.add_argument("--address", default=None,
+                   help="interface to listen on (default: all with --basic-auth, else 127.0.0.1 only)")
+    p.add_argument("--insecure-public", action="store_true",
+                   help="allow listening on a public interface without authentication")
     p.add_argument("--basic-auth", default=None, metavar="USER:PASS",
                    help="require HTTP basic auth for the UI and API (several: a,b); FLOWER_BASIC_AUTH also works")
     p.add_argument("--unauthenticated-api", action="store_true",

@@ -302,3 +302,33 @@ def test_stopped_flower_leaves_no_event_queue_on_the_filesystem_broker(embedded)
     fl.unbind_event_queues(embedded, {"celeryev.mine"})
     assert json.loads(table.read_text()) == [["#", "^.*?$", "celeryev.old"]]
     assert sorted(p.name for p in folder.iterdir()) == ["3_c.celeryev.old.msg", "4_d.gpu.msg"]
+
+
+def test_flower_without_auth_listens_on_loopback_and_public_needs_auth_or_a_flag(monkeypatch, tmp_path, capsys):
+    from celery import Celery
+
+    from orchestrator.cli import main
+
+    seen = []
+    monkeypatch.setattr(Celery, "start", lambda self, argv=None: seen.append(argv) or 0)
+    for var in ("FLOWER_BASIC_AUTH", "FLOWER_AUTH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "orch"))
+
+    assert main(["flower", "--port", "5599"]) == 0  # no auth: loopback, and it says so
+    assert "--address=127.0.0.1" in seen[-1]
+    err = capsys.readouterr().err
+    assert "127.0.0.1 only" in err and "--basic-auth" in err
+    for public in ("0.0.0.0", "::", "10.1.2.3", "flower.example.org"):
+        n = len(seen)
+        assert main(["flower", "--address", public]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "--insecure-public" in err[0], err
+        assert len(seen) == n  # refused before Flower started
+    assert main(["flower", "--address", "::1"]) == 0 and "--address=::1" in seen[-1]
+    assert main(["flower", "--address", "0.0.0.0", "--insecure-public"]) == 0
+    assert "--address=0.0.0.0" in seen[-1] and "OPENLY" in capsys.readouterr().err
+    assert main(["flower", "--basic-auth", "a:b"]) == 0  # with auth: all interfaces, as before
+    assert not any(a.startswith("--address") for a in seen[-1])
+    monkeypatch.setenv("FLOWER_BASIC_AUTH", "a:b")
+    assert main(["flower", "--address", "0.0.0.0"]) == 0 and "--address=0.0.0.0" in seen[-1]
