@@ -48,6 +48,8 @@ ARTIFACT_REPORT = "report"
 #: Seconds a shard or training-run lease stays valid without a heartbeat. A worker that dies (kill -9) frees its
 #: shard after at most this long; a duplicate delivery that sees a live lease exits. Overridable with ORCH_LEASE_SECONDS.
 LEASE_SECONDS = 60.0
+#: Default permission bits of artifacts (ORCH_ARTIFACT_MODE): owner read/write, group read.
+ARTIFACT_MODE = 0o640
 #: The heartbeat renews the lease this many times per lease period.
 HEARTBEATS_PER_LEASE = 4
 

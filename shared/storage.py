@@ -3,6 +3,8 @@
 Every write goes to a temporary name in the destination folder and is renamed into place (atomic on POSIX), so a
 reader never sees half a file and a crashed writer leaves only a `.tmp-*` file that no DB row points to. Keys and URIs
 are checked to stay inside the root: a key or a URI from the DB cannot reach outside it (path traversal).
+Files get ORCH_ARTIFACT_MODE (default 640: group-readable) and the folders created for them the same plus x where r
+is set (750), whatever the umask: workers running as other users of the group read each other's artifacts.
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ def sha256_file(path: str | Path) -> str:
 
 
 class Storage:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, mode: int | None = None):
+        from shared.settings import artifact_mode, folder_mode
+
+        self.mode = artifact_mode() if mode is None else mode  # None: ORCH_ARTIFACT_MODE
+        self.folder_mode = folder_mode(self.mode)
         root = str(root)
         if root.startswith("file://"):
             root = unquote(urlsplit(root).path)
@@ -74,8 +80,9 @@ class Storage:
         """Write an artifact atomically: `writer(tmp_path)` fills a temporary file, which is then renamed to `key`."""
         dest = self.path(key)
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._make_folders(dest.parent)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=dest.suffix, dir=dest.parent)
+            os.fchmod(fd, self.mode)  # mkstemp creates 0600
             os.close(fd)
         except OSError as e:
             raise StorageError(f"cannot write under {dest.parent}: {e.strerror}") from e
@@ -96,6 +103,19 @@ class Storage:
             why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
             raise StorageError(f"cannot write artifact {dest}: {why}") from e
         return StoredFile(uri=dest.as_uri(), sha256=digest, bytes=size)
+
+    def _make_folders(self, folder: Path) -> None:
+        """Create `folder` and its missing parents with the folder mode (mkdir alone would apply the umask)."""
+        missing = []
+        while not folder.is_dir() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        for f in reversed(missing):
+            try:
+                f.mkdir()
+            except FileExistsError:  # another worker made it first: its mode is already set
+                continue
+            os.chmod(f, self.folder_mode)
 
     def write_bytes(self, key: str, data: bytes) -> StoredFile:
         return self.write(key, lambda p: p.write_bytes(data))

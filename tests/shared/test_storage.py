@@ -51,3 +51,37 @@ def test_unwritable_storage_is_a_clear_error(tmp_path):
     st = Storage(blocker)  # a root whose path is a regular file: nothing can be written under it (even as root)
     with pytest.raises(StorageError, match="cannot write"):
         st.write_bytes("jobs/x.bin", b"data")
+
+
+@pytest.mark.parametrize("env, file_mode, folder_mode", [(None, 0o640, 0o750), ("600", 0o600, 0o700),
+                                                         ("0o644", 0o644, 0o755), ("0660", 0o660, 0o770)])
+def test_artifact_mode_is_a_setting_for_files_and_folders(tmp_path, monkeypatch, env, file_mode, folder_mode):
+    """mkstemp alone made every artifact 0600: a worker running as another user could not read it."""
+    import os
+    import stat
+
+    if env is None:
+        monkeypatch.delenv("ORCH_ARTIFACT_MODE", raising=False)
+    else:
+        monkeypatch.setenv("ORCH_ARTIFACT_MODE", env)
+    old = os.umask(0o077)  # the setting wins over a strict umask
+    try:
+        st = Storage(tmp_path / "root")
+        f = st.resolve(st.write_bytes("jobs/j/latents/a.bin", b"x").uri)
+        st.write_bytes("jobs/j/latents/b.bin", b"y")  # existing folders are reused as they are
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(f.stat().st_mode) == file_mode
+    for d in (tmp_path / "root", tmp_path / "root/jobs", tmp_path / "root/jobs/j", f.parent):
+        assert stat.S_IMODE(d.stat().st_mode) == folder_mode, d
+
+
+@pytest.mark.parametrize("bad", ["rw-r-----", "999", "0o1777", "400", "-1", "0x1a4"])
+def test_bad_artifact_mode_is_one_line_exit_2(tmp_path, monkeypatch, capsys, bad):
+    from orchestrator.cli import main
+
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "orch"))
+    monkeypatch.setenv("ORCH_ARTIFACT_MODE", bad)
+    assert main(["jobs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ORCH_ARTIFACT_MODE" in err[0], err
