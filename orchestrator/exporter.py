@@ -5,7 +5,10 @@ is what an autoscaler needs. The numbers here are read straight from the broker:
 - Redis: kombu keeps a queue's waiting messages in a list named after the queue, plus one list per non-zero priority
   step named `{queue}\\x06\\x16{step}` (kombu.transport.redis `Channel._q_for_pri`); a queue's length is the sum of
   their LLENs, exactly what kombu's own `_size` computes. Messages delivered to a worker but not yet acknowledged
-  (running or prefetched, with acks_late) sit in the hash `unacked`.
+  (running or prefetched, with acks_late) sit in the hash `unacked` ({delivery tag: [message, exchange, routing key]})
+  with their delivery time in the sorted set `unacked_index`: counted per queue, with the age of the oldest. A worker
+  killed mid-shard leaves its message there until the visibility timeout; the reaper has long republished the shard
+  by then (docs/hardening.md), so an old entry is a stale copy waiting to be restored and skipped.
 - the embedded filesystem broker: one file `{time}_{uuid}.{queue}.msg` per waiting message in the broker's `in`
   folder (kombu.transport.filesystem).
 - any other kombu transport (e.g. AMQP): a passive queue declaration's message count.
@@ -48,6 +51,8 @@ class Snapshot:
 
     queues: dict[str, int] | None = None
     unacked: int | None = None
+    #: Redis only: {queue: (unacked messages, seconds since the oldest was delivered)}.
+    unacked_by_queue: dict[str, tuple[int, float]] | None = None
     jobs: dict[str, int] | None = None
     shards: dict[str, int] | None = None
     errors: dict[str, str] = field(default_factory=dict)
@@ -88,6 +93,45 @@ def redis_queue_lengths(broker_url: str, queues: Sequence[str] = C.QUEUES,
     n = len(steps)
     lengths = {q: int(sum(sizes[i * n : (i + 1) * n])) for i, q in enumerate(queues)}
     return lengths, int(sizes[-1])
+
+
+def redis_unacked_by_queue(broker_url: str, queues: Sequence[str] = C.QUEUES,
+                           transport_options: dict[str, Any] | None = None,
+                           now: float | None = None) -> dict[str, tuple[int, float]]:
+    """{queue: (unacked messages, age in seconds of the oldest)} from kombu's `unacked` hash and `unacked_index`.
+
+    The queue is the message's routing key (each queue has its own direct exchange and routing key); a message
+    whose routing key names no known queue counts under "other". The hash holds at most the prefetched and running
+    messages of all workers plus those of killed ones, so reading it whole is cheap.
+    """
+    import json
+
+    import redis
+    from kombu.transport.redis import Channel
+
+    opts = transport_options or {}
+    prefix = opts.get("global_keyprefix", "") or ""
+    unacked_key = prefix + opts.get("unacked_key", Channel.unacked_key)
+    index_key = prefix + opts.get("unacked_index_key", Channel.unacked_index_key)
+    now = time.time() if now is None else now
+    out = {q: (0, 0.0) for q in queues}
+    client = redis.Redis.from_url(redis_client_url(broker_url), socket_timeout=5, socket_connect_timeout=5)
+    try:
+        since = {(k.decode() if isinstance(k, bytes) else k): float(v)
+                 for k, v in client.zrange(index_key, 0, -1, withscores=True)}
+        for tag, raw in client.hscan_iter(unacked_key, count=1000):
+            try:
+                routing_key = json.loads(raw)[2]
+            except (ValueError, TypeError, IndexError):
+                routing_key = None
+            q = routing_key if routing_key in out else "other"
+            n, oldest = out.get(q, (0, 0.0))
+            delivered = since.get(tag.decode() if isinstance(tag, bytes) else tag)
+            age = max(0.0, now - delivered) if delivered is not None else 0.0
+            out[q] = (n + 1, max(oldest, age))
+    finally:
+        client.close()
+    return out
 
 
 def filesystem_queue_lengths(folder: Path, queues: Sequence[str] = C.QUEUES) -> dict[str, int]:
@@ -171,6 +215,11 @@ def collect(settings: Settings, queues: Sequence[str] = C.QUEUES, db: bool = Tru
     snap = Snapshot()
     try:
         snap.queues, snap.unacked = queue_lengths(settings, queues)
+        if snap.unacked is not None:
+            from workers.dispatch import get_app
+
+            opts = dict(get_app(settings).conf.broker_transport_options or {})
+            snap.unacked_by_queue = redis_unacked_by_queue(settings.broker_url, queues, opts)
     except Exception as e:
         snap.errors["broker"] = _one_line(e)
     if db:
@@ -207,6 +256,13 @@ def render_prometheus(snap: Snapshot, db: bool = True) -> str:
         _family(lines, "orch_broker_unacked_messages",
                 "Messages delivered to workers and not yet acknowledged (running or prefetched shards).",
                 [({}, snap.unacked)])
+    if snap.unacked_by_queue is not None:
+        _family(lines, "orch_queue_unacked",
+                "Messages of a queue delivered and not yet acknowledged; those of killed workers stay until the "
+                "visibility timeout.", [({"queue": q}, n) for q, (n, _age) in snap.unacked_by_queue.items()])
+        _family(lines, "orch_queue_unacked_oldest_seconds",
+                "Seconds since the oldest unacknowledged message of a queue was delivered (0: none).",
+                [({"queue": q}, round(age, 3)) for q, (_n, age) in snap.unacked_by_queue.items()])
     if snap.jobs is not None:
         _family(lines, "orch_jobs", "Jobs in the results database by state.",
                 [({"state": st}, n) for st, n in snap.jobs.items()])

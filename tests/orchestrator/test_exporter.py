@@ -71,6 +71,36 @@ def test_redis_lengths_match_kombu_with_priorities_and_unacked(servers):
     assert ex.queue_lengths(servers) == ({"gpu": 4, "train": 1, "cpu": 0}, 0)
 
 
+@pytest.mark.server
+def test_messages_left_unacked_by_a_killed_worker_are_counted_per_queue_with_their_age(servers):
+    """A consumer killed with SIGKILL after taking a message leaves it in kombu's `unacked` hash (until the 2 h
+    visibility timeout): the exporter counts it under its queue, and the age of the oldest grows."""
+    import subprocess
+    import sys
+    import time
+
+    _publish(servers)
+    code = ("import os, signal, sys\n"
+            "from kombu import Connection\n"
+            "chan = Connection(sys.argv[1]).channel()\n"
+            "assert chan.basic_get(queue=sys.argv[2], no_ack=False) is not None\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    for q in ("gpu", "train"):
+        r = subprocess.run([sys.executable, "-c", code, servers.broker_url, q], capture_output=True, timeout=120)
+        assert r.returncode == -9, r.stderr.decode()[-500:]
+    time.sleep(1.2)
+    snap = ex.collect(servers, db=False)
+    assert snap.queues == {"gpu": 2, "train": 0, "cpu": 0} and snap.unacked == 2
+    by_queue = snap.unacked_by_queue
+    assert {q: n for q, (n, _age) in by_queue.items()} == {"gpu": 1, "train": 1, "cpu": 0}
+    assert by_queue["gpu"][1] >= 1.0 and by_queue["train"][1] >= 1.0 and by_queue["cpu"][1] == 0
+    fams = _families(ex.render_prometheus(snap, db=False))
+    assert fams["orch_queue_unacked"][(("queue", "gpu"),)] == 1
+    assert fams["orch_queue_unacked"][(("queue", "cpu"),)] == 0
+    assert fams["orch_queue_unacked_oldest_seconds"][(("queue", "train"),)] >= 1.0
+    assert fams["orch_broker_unacked_messages"][()] == 2
+
+
 def test_exporter_serves_prometheus_text_over_http(embedded):
     _publish(embedded)
     server = ex.make_server(embedded, port=0, address="127.0.0.1")
