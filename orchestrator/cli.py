@@ -197,11 +197,7 @@ def cmd_jobs(args, settings: Settings) -> int:
 def cmd_results(args, settings: Settings) -> int:
     from orchestrator import queries
     from orchestrator.output import dumps, table, write_csv
-    from orchestrator.validate import check_positive
 
-    check_positive("--limit", args.limit)
-    if args.offset < 0:
-        raise UserError(f"--offset must be 0 or more (got {args.offset})")
     rows = queries.results(settings, args.job, limit=args.limit, offset=args.offset, after=args.after)
     if args.json or args.format == "json":
         _print(dumps(rows))
@@ -419,13 +415,22 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # usage errors (status 2) and --help (status 0)
         return int(e.code or 0)
     try:
-        settings = Settings.from_env()
+        from orchestrator.limits import checked_settings
+
+        settings = checked_settings(args)  # numbers in range and a usable configuration, before anything else
         commands = dict(COMMANDS)
         for ext in _extensions():
             commands.update(ext.COMMANDS)
         return commands[args.command](args, settings)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return C.EXIT_USAGE
+    except Exception as e:  # a database configuration error is one line too; anything else keeps its traceback
+        from orchestrator.limits import database_error
+
+        if (line := database_error(e)) is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return C.EXIT_USAGE
     except KeyboardInterrupt:
         return 130

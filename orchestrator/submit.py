@@ -17,14 +17,17 @@ def submit_invert(settings: Settings, args: Any) -> str:
     from workers.ml.inversion import make_config
 
     data = Path(args.data).expanduser()
-    pairs = m3fd.find_pairs(data)  # UserError: missing folder, layout, missing IR partner, empty
     skip_bad = bool(getattr(args, "skip_bad", False))
+    refused: list[tuple[str, str, str]] = []  # non-regular image entries, collected under --skip-bad
+    # UserError: empty or system path, missing folder, layout, missing IR partner, non-regular entry, no pairs
+    pairs = m3fd.find_pairs(args.data, refused if skip_bad else None)
     check_shards(args.shards, len(pairs))
     check_positive("--batch-size", args.batch_size)
     overrides = {k: v for k, v in {"t_end": args.t, "steps": args.steps, "size": args.size}.items() if v is not None}
     cfg = make_config(args.preset, **overrides)  # UserError: t not on the schedule, bad steps/size
     sd.check_model(args.model)  # UserError: unknown path or id not in the offline cache
     pairs, skipped = check_pairs(pairs, skip_bad)  # UserError naming a bad file, unless --skip-bad
+    skipped = refused + skipped
     check_shards(args.shards, len(pairs))
     ids = [p.pair_id for p in pairs]
     split = m3fd.split_pairs(ids, seed=args.split_seed, test_fraction=args.test_fraction)
@@ -138,10 +141,12 @@ def submit_eval_translator(settings: Settings, args: Any) -> str:
     return jobs.submit(settings, C.KIND_EVAL_TRANSLATOR, spec, args.shards, items, lineage)
 
 
-def _check_mnist(source: str) -> str:
+def _check_mnist(source: str, flag: str = "--data") -> str:
+    from shared.paths import check_input_path
     from workers.ml.mnist import EMBEDDED, check_source
 
     if source != EMBEDDED:
+        check_input_path(flag, source)
         source = str(Path(source).expanduser().resolve())
     check_source(source)
     return source
@@ -195,7 +200,7 @@ def submit_eval_fid(settings: Settings, args: Any) -> str:
     from workers.tasks.train import job_of_checkpoint
 
     samples = _finished_job(settings, args.samples, C.KIND_SAMPLE, "--samples")
-    reference = _check_mnist(args.reference)
+    reference = _check_mnist(args.reference, "--reference")
     spec: dict[str, Any] = {"samples": samples.id, "reference": reference, "reference_split": args.reference_split,
                             "features": args.features, "is_splits": args.is_splits, "seed": args.seed,
                             "n_fake": samples.spec["n"]}

@@ -95,7 +95,13 @@ def get_engine(url: str) -> Engine:
             if url.startswith("sqlite"):
                 path = url.split("///", 1)[-1]
                 if path and path != ":memory:":
-                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        Path(path).parent.mkdir(parents=True, exist_ok=True)
+                    except OSError as e:
+                        from shared.errors import UserError
+
+                        raise UserError(f"cannot create the folder of the SQLite database {path}: {e.strerror}: "
+                                        "set ORCH_DATABASE_URL (or ORCH_HOME) to a writable place") from e
                 engine = _sqlite_engine(url)
             else:
                 engine = create_engine(url, pool_size=5, max_overflow=10)
@@ -145,7 +151,13 @@ def ensure_schema(settings: Settings) -> None:
     if url in _upgraded:
         return
     if settings.is_sqlite:
-        upgrade(url)
+        try:
+            upgrade(url)
+        except OSError as e:  # the migration lock file next to the database cannot be created
+            from shared.errors import UserError
+
+            raise UserError(f"cannot write next to the SQLite database {url}: {e.strerror}: set ORCH_DATABASE_URL "
+                            "(or ORCH_HOME) to a writable place") from e
         return
     if not inspect(get_engine(url)).has_table("jobs"):
         from shared.errors import UserError

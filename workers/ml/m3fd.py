@@ -9,6 +9,9 @@ Layouts (REFERENCE.md s.2, TarDAL's README):
 
 Folder names match case-insensitively (``vis``/``VIS``); images may be .png, .jpg, .jpeg or .bmp in any case.
 A Vis image's partner is the Ir image with the same stem (its extension may differ); extra Ir images are ignored.
+An entry with an image suffix that is not a regular file (a dangling symlink, a symlink loop, a FIFO, a device, a
+folder, a link into /proc, /sys or /dev) is never skipped silently: it is an error naming it, or, when the caller
+collects rejections (``--skip-bad``), its pair is rejected with the reason.
 
 Synthetic data (``write_synthetic``) imitates the flat layout with 4:3 images whose infrared image is a FIXED,
 documented function of the visible scene, so a translator can learn RGB -> IR on it:
@@ -41,6 +44,7 @@ import numpy as np
 import torch
 
 from shared.errors import UserError
+from shared.paths import check_input_path, not_regular
 
 #: Image suffixes accepted for both modalities (compared lower-case).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -74,17 +78,37 @@ def _child_dir(folder: Path, name: str) -> Path | None:
     return None
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+#: (pair id, file, reason) of an input that was refused.
+Rejected = tuple[str, str, str]
 
 
-def _pairs_in(vis: Path, ir: Path, prefix: str) -> list[Pair]:
+def _images(folder: Path, prefix: str, bad: list[Rejected] | None) -> list[Path]:
+    """The image entries of ``folder`` that are regular files; any other image entry raises UserError naming it,
+    or, with ``bad``, is appended there."""
+    good = []
+    for p in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        why = not_regular(p)
+        if why is None:
+            good.append(p)
+            continue
+        reason = f"image '{p}' {why}: replace it with a regular image file or pass --skip-bad"
+        if bad is None:
+            raise UserError(reason)
+        bad.append((prefix + p.stem, str(p), reason))
+    return good
+
+
+def _pairs_in(vis: Path, ir: Path, prefix: str, bad: list[Rejected] | None = None) -> list[Pair]:
     """Match every image of ``vis`` to the ``ir`` image with the same stem; UserError when one is missing."""
     by_stem: dict[str, Path] = {}
-    for p in _images(ir):
+    n_bad = len(bad) if bad is not None else 0
+    for p in _images(ir, prefix, bad):
         by_stem.setdefault(p.stem, p)
+    refused = {pid for pid, _f, _r in (bad or [])[n_bad:]}  # Ir entries refused: their pairs are rejected with them
     pairs = []
-    for v in _images(vis):
+    for v in _images(vis, prefix, bad):
+        if prefix + v.stem in refused:
+            continue
         partner = by_stem.get(v.stem)
         if partner is None:
             raise UserError(
@@ -95,20 +119,22 @@ def _pairs_in(vis: Path, ir: Path, prefix: str) -> list[Pair]:
     return pairs
 
 
-def find_pairs(root: str | Path) -> list[Pair]:
+def find_pairs(root: str | Path, bad: list[Rejected] | None = None) -> list[Pair]:
     """All visible/infrared pairs under ``root``, sorted by pair id (deterministic).
 
     Accepts the flat M3FD_Detection layout (``root/Vis``, ``root/Ir``) or the scene tree
     (``root/<group>/<scene>/{Vis,Ir}``); see the module docstring. Raises UserError (one line) when the folder is
-    missing, has neither layout, a visible image lacks its infrared partner, or no pair is found.
+    empty, missing, under /proc, /sys or /dev, has neither layout, a visible image lacks its infrared partner, an
+    image entry is not a regular file (unless ``bad`` collects those), or no pair is found.
     """
+    check_input_path("--data", str(root))
     root = Path(root).expanduser()
     if not root.is_dir():
         raise UserError(f"dataset folder '{root}' does not exist: give the path of an M3FD folder")
     vis, ir = _child_dir(root, VIS_DIR), _child_dir(root, IR_DIR)
     pairs: list[Pair] = []
     if vis is not None and ir is not None:
-        pairs = _pairs_in(vis, ir, prefix="")
+        pairs = _pairs_in(vis, ir, prefix="", bad=bad)
     else:
         found_tree = False
         for group in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -117,7 +143,7 @@ def find_pairs(root: str | Path) -> list[Pair]:
                 if svis is None or sir is None:
                     continue
                 found_tree = True
-                pairs.extend(_pairs_in(svis, sir, prefix=f"{group.name}/{scene.name}/"))
+                pairs.extend(_pairs_in(svis, sir, prefix=f"{group.name}/{scene.name}/", bad=bad))
         if not found_tree and (vis is not None or ir is not None):
             have, lack = ("Vis", "Ir") if vis is not None else ("Ir", "Vis")
             raise UserError(
@@ -136,8 +162,9 @@ def find_pairs(root: str | Path) -> list[Pair]:
 
 def _imread(path: Path) -> np.ndarray:
     """``cv2.imread(path, IMREAD_UNCHANGED)``, or UserError naming the file when it is missing, empty or corrupt."""
-    if not path.is_file():
-        raise UserError(f"image '{path}' does not exist: restore it or remove its pair")
+    why = not_regular(path)  # checked before opening: a FIFO would block the reader forever
+    if why is not None:
+        raise UserError(f"image '{path}' {why}: restore it or remove its pair")
     if path.stat().st_size == 0:
         raise UserError(f"image '{path}' is empty (0 bytes): re-copy it or remove its pair")
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
