@@ -42,6 +42,7 @@ class LeaseFence:
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._engine: Any = None
         if start:
             self.poll()
             self._thread = threading.Thread(target=self._run, name="lease-fence", daemon=True)
@@ -56,15 +57,20 @@ class LeaseFence:
 
     def poll(self) -> None:
         """Read the shard row once and update `lost` / `valid_until` (errors are kept, not raised)."""
-        from sqlalchemy import select
+        from sqlalchemy import create_engine, select
 
-        from shared.db import session_scope
         from shared.models import Shard
 
         try:
-            with session_scope(self.url) as s:
-                row = s.execute(select(Shard.state, Shard.lease_owner, Shard.attempts, Shard.lease_expires_at)
-                                .where(Shard.id == self.shard_id)).first()
+            if self._engine is None:
+                # its own plain engine, not shared/db.py's: a read must not take SQLite's write lock (BEGIN
+                # IMMEDIATE there), and a server that does not answer must not hang the thread for long
+                sqlite = self.url.startswith("sqlite")
+                self._engine = create_engine(self.url, pool_pre_ping=True, connect_args={"timeout": 10} if sqlite
+                                             else {"connect_timeout": 10} if "postgres" in self.url else {})
+            with self._engine.connect() as conn:
+                row = conn.execute(select(Shard.state, Shard.lease_owner, Shard.attempts, Shard.lease_expires_at)
+                                   .where(Shard.id == self.shard_id)).first()
         except Exception as e:  # unreachable or locked: the deadline decides
             self.last_error = f"{type(e).__name__}: {e}"
             return
