@@ -52,6 +52,7 @@ from tests.faults.state import (
     fingerprint,
     job_ids,
 )
+from tests.faults.training import frozen_training_worker
 
 # -- kill -9 ------------------------------------------------------------------------------------------------------
 
@@ -259,10 +260,11 @@ def fingerprint_training(settings: Settings, job_id: str) -> dict:
         arts = s.execute(select(Artifact.uri, Artifact.sha256).join(Checkpoint, Checkpoint.artifact_id == Artifact.id)
                          .where(Checkpoint.job_id == job_id)).all()
         per_step = Counter(s.execute(select(Checkpoint.step).where(Checkpoint.job_id == job_id)).scalars())
-        from orchestrator import queries
-
-        steps = int(queries.summary_metrics(settings, job_id).get("steps", -1))
         shards_done = job.shards_done
+    from orchestrator import queries
+
+    # after the session: a second transaction inside it would wait on this one's SQLite lock
+    steps = int(queries.summary_metrics(settings, job_id).get("steps", -1))
     integrity = [uri for uri, sha in arts if not storage.resolve(uri).is_file()
                  or sha256_file(storage.resolve(uri)) != sha]
     duplicated = sum(n - 1 for n in per_step.values()) + max(0, shards_done - 1)
@@ -645,6 +647,7 @@ CASES: dict[str, Case] = {
     # storage does not depend on the broker or the database
     "storage": Case(storage_faults, ("embedded",)),
     "submitter": Case(submitter_crash, BOTH),
+    "freeze_training": Case(frozen_training_worker, BOTH),
 }
 
 #: Outcomes (by case title) that show a bug not fixed yet: the tests mark them xfail(strict=True) with this reason.

@@ -8,23 +8,29 @@ they appear, forwards cancel as SIGTERM, and resumes from the latest recorded ch
 from __future__ import annotations
 
 import json
+import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared import constants as C
 from shared.db import session_scope, upsert
-from shared.models import Artifact, Checkpoint, Item, Job
+from shared.models import Artifact, Checkpoint, Item, Job, Shard
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.status import ShardState
+from shared.storage import Storage, sha256_file
 from workers import bookkeeping as bk
 from workers.recording import record_artifact, record_metrics
 from workers.runner import ShardContext, ShardOutput
 from workers.supervisor import supervise, torchrun_command
 from workers.tasks.common import shard_task
+from workers.train.fencing import FENCE_DATABASE_ENV
+
+log = logging.getLogger(__name__)
 
 ENTRY_POINTS = {
     C.KIND_TRAIN_TRANSLATOR: "workers.train.translator",
@@ -42,6 +48,10 @@ class TrainingFailed(RuntimeError):
     pass
 
 
+class LeaseUnconfirmed(TimeoutError):
+    """Rank 0 stopped the run because it could not confirm the lease, which this attempt still holds: transient."""
+
+
 def latest_checkpoint(s: Session, job_id: str) -> tuple[int, str] | None:
     row = s.execute(
         select(Checkpoint.step, Artifact.uri)
@@ -51,6 +61,45 @@ def latest_checkpoint(s: Session, job_id: str) -> tuple[int, str] | None:
         .limit(1)
     ).first()
     return (row[0], row[1]) if row else None
+
+
+def resume_checkpoint(s: Session, storage: Storage, job_id: str) -> str | None:
+    """The file of the latest recorded checkpoint whose bytes still match the hash recorded with it.
+
+    Only a lease holder records checkpoint rows (`record_checkpoint`), each attempt writes into its own folder, so
+    a mismatch means the file was damaged after it was recorded; the next older intact one is used instead.
+    """
+    rows = s.execute(
+        select(Checkpoint.step, Artifact.uri, Artifact.sha256)
+        .join(Artifact, Artifact.id == Checkpoint.artifact_id)
+        .where(Checkpoint.job_id == job_id)
+        .order_by(Checkpoint.step.desc())
+    ).all()
+    for step, uri, sha in rows:
+        path = storage.resolve(uri)
+        try:
+            if sha256_file(path) == sha:
+                return str(path)
+        except OSError:
+            pass
+        log.warning("training run %s: checkpoint of step %s (%s) is missing or changed; trying an older one",
+                    job_id, step, path)
+    return None
+
+
+def hold_lease(s: Session, settings: Settings, shard_id: int, owner: str) -> None:
+    """Renew the shard's lease inside the caller's transaction, or raise LeaseLost if `owner` no longer holds it.
+
+    The UPDATE locks the shard row until the caller commits, so no claim can take the lease over between this check
+    and the rows the caller writes: they are written by the lease holder or not at all (the fencing token).
+    """
+    res = s.execute(
+        update(Shard)
+        .where(Shard.id == shard_id, Shard.lease_owner == owner, Shard.state == ShardState.RUNNING)
+        .values(lease_expires_at=bk.utcnow() + timedelta(seconds=settings.lease_seconds))
+    )
+    if res.rowcount != 1:
+        raise bk.LeaseLost(f"lease on shard {shard_id} was taken over: nothing of {owner} is recorded")
 
 
 def translator_data(s: Session, storage: Storage, invert_job: str) -> dict[str, Any]:
@@ -75,20 +124,25 @@ def translator_data(s: Session, storage: Storage, invert_job: str) -> dict[str, 
 def build_config(ctx: ShardContext, run_dir: Path, attempt_events: Path) -> dict[str, Any]:
     spec = ctx.spec
     cfg: dict[str, Any] = {k: spec[k] for k in PASSTHROUGH if k in spec}
-    cfg.update({"run_dir": str(run_dir), "events": str(attempt_events), "device": spec.get("device", "auto")})
+    cfg.update({"run_dir": str(run_dir), "events": str(attempt_events), "device": spec.get("device", "auto"),
+                # rank 0 stops the run itself once this attempt no longer holds the lease (workers/train/fencing.py)
+                "fence": {"shard_id": ctx.heartbeat.shard_id, "owner": ctx.owner, "attempt": ctx.attempt,
+                          "lease_seconds": ctx.settings.lease_seconds}})
     with session_scope(ctx.settings) as s:
         if ctx.kind == C.KIND_TRAIN_TRANSLATOR:
             cfg["data"] = translator_data(s, ctx.storage, spec["latents"])
-        latest = latest_checkpoint(s, ctx.job_id)
-    cfg["resume_from"] = str(ctx.storage.resolve(latest[1])) if latest else None
+        cfg["resume_from"] = resume_checkpoint(s, ctx.storage, ctx.job_id)
     return cfg
 
 
-def record_checkpoint(settings: Settings, storage: Storage, job_id: str, owner: str, ev: dict[str, Any]) -> None:
+def record_checkpoint(settings: Settings, storage: Storage, job_id: str, owner: str, ev: dict[str, Any],
+                      shard_id: int | None = None) -> None:
     stored = storage.adopt(ev["path"])
     if ev.get("sha256") and ev["sha256"] != stored.sha256:
         raise TrainingFailed(f"checkpoint {ev['path']} changed after it was written (sha256 mismatch)")
     with session_scope(settings) as s:
+        if shard_id is not None:
+            hold_lease(s, settings, shard_id, owner)
         art = record_artifact(s, job_id, 0, C.ARTIFACT_CHECKPOINT, stored,
                               {"step": ev["step"], "epoch": ev["epoch"], "reason": ev.get("reason")})
         upsert(s, Checkpoint, [{"job_id": job_id, "artifact_id": art, "step": int(ev["step"]),
@@ -101,7 +155,8 @@ def train_work(ctx: ShardContext) -> ShardOutput:
     run_dir = ctx.storage.path(f"jobs/{ctx.job_id}/run")
     run_dir.mkdir(parents=True, exist_ok=True)
     events = run_dir / f"events-attempt{ctx.attempt:03d}.jsonl"
-    cfg = build_config(ctx, run_dir, events)
+    # each attempt's checkpoints in a folder of their own: a stale attempt cannot overwrite a file a newer one wrote
+    cfg = build_config(ctx, run_dir / f"attempt-{ctx.attempt:03d}", events)
     config_path = run_dir / f"config-attempt{ctx.attempt:03d}.json"
     config_path.write_text(json.dumps(cfg, indent=2))
     nproc = int(ctx.spec.get("gpus", 1))
@@ -124,12 +179,14 @@ def train_work(ctx: ShardContext) -> ShardOutput:
             with session_scope(ctx.settings) as s:
                 record_metrics(s, ctx.job_id, [(ev["name"], ev["value"], int(ev["step"]), C.NO_ITEM)], 0)
         elif kind == "checkpoint":
-            record_checkpoint(ctx.settings, ctx.storage, ctx.job_id, ctx.owner, ev)
+            record_checkpoint(ctx.settings, ctx.storage, ctx.job_id, ctx.owner, ev, ctx.heartbeat.shard_id)
         elif kind == "artifact":
             stored = ctx.storage.adopt(ev["path"])
             with session_scope(ctx.settings) as s:
                 record_artifact(s, ctx.job_id, 0, str(ev.get("kind", "file")), stored,
                                 {k: v for k, v in ev.items() if k not in ("event", "path", "sha256", "bytes")})
+        elif kind == "stopped":
+            last["stopped"] = ev.get("reason")
         elif kind == "done":
             summary.update(ev.get("metrics") or {})
         elif kind == "start":
@@ -139,9 +196,15 @@ def train_work(ctx: ShardContext) -> ShardOutput:
     hb = ctx.heartbeat
     outcome = supervise(cmd, events, run_dir / "torchrun.log", on_event,
                         should_stop=lambda: hb.cancelled.is_set() or hb.lost.is_set(),
-                        env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+                        env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                             FENCE_DATABASE_ENV: ctx.settings.database_url})
     if hb.lost.is_set():
         raise bk.LeaseLost(f"training run {ctx.job_id} lost its lease")
+    if last.get("stopped") == "fenced":
+        with session_scope(ctx.settings) as s:
+            hold_lease(s, ctx.settings, ctx.heartbeat.shard_id, ctx.owner)  # LeaseLost: a newer attempt runs it
+        # still ours (the database was out of reach for a while): give the lease up and run it again
+        raise LeaseUnconfirmed(f"training run {ctx.job_id} stopped: rank 0 could not confirm its lease")
     finished = outcome.done is not None and outcome.returncode == 0
     if outcome.stopped or (hb.cancelled.is_set() and not finished):
         # a cancel that arrives after the run finished does not throw the finished run away

@@ -4,15 +4,16 @@ An entry point is started by its supervisor as
 
     torchrun --standalone --nproc_per_node=G -m workers.train.<name> --config CONFIG.json
 
-or, with one process and no DDP, as ``python -m workers.train.<name> --config CONFIG.json``. It never touches the
-database or Celery: it reads CONFIG.json and talks back through a JSON-lines event file that rank 0 alone appends
+or, with one process and no DDP, as ``python -m workers.train.<name> --config CONFIG.json``. It never writes to
+the database or touches Celery (rank 0 only reads its shard's lease, workers/train/fencing.py): it reads CONFIG.json and talks back through a JSON-lines event file that rank 0 alone appends
 to (one object per line, flushed and fsynced). Events, all with "event" and "time" (unix seconds):
 
     start       world_size, device, epoch, step, total_steps, steps_per_epoch, epochs, resumed_from, pids
     progress    epoch, step, total_steps, loss, samples_per_s, lr                  (every log_every steps)
     metric      name, value, step, epoch                     ("loss_epoch" at each epoch end, job metrics)
     checkpoint  path, step, epoch, step_in_epoch, sha256, bytes, reason (interval | epoch | signal | final)
-    stopped     reason="signal", step, epoch, step_in_epoch, checkpoint (latest checkpoint path, or null)
+    stopped     reason (signal | fenced), step, epoch, step_in_epoch, checkpoint (latest checkpoint path, or null)
+                message (fenced: why the attempt no longer holds its lease)
     done        step, epoch, metrics
     error       message, rank, step, epoch     (rank 0's own exception, just before the non-zero exit)
 
@@ -37,27 +38,45 @@ traceback on stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
-import math
 import os
-import random
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 
 from shared.errors import UserError
+
+# The harness's parts live in their own modules; entry points and tests import them from here.
+from workers.train.checkpoints import (  # noqa: F401
+    CHECKPOINT_FORMAT,
+    CheckpointInfo,
+    checkpoint_path,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_rank,
+    set_rng_state,
+    sha256_file,
+)
+from workers.train.fencing import LeaseFence, StopFlag  # noqa: F401
+from workers.train.runtime import (  # noqa: F401
+    Amp,
+    DistInfo,
+    EventWriter,
+    all_reduce_,
+    epoch_batches,
+    select_amp,
+    setup_distributed,
+    steps_per_epoch,
+    teardown_distributed,
+)
 
 # Defaults for the common config keys (the supervisor normally writes all of them).
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -76,16 +95,15 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "log_every": 10,
     "device": "auto",  # "auto" | "cpu" | "cuda"
     "fault": None,  # testing hook: {"rank": r, "step": s} raises in rank r before step s+1
+    "fence": None,  # {"shard_id", "owner", "attempt", "lease_seconds"}: rank 0 checks the lease (fencing.py)
 }
 
 # Keys a resumed run may change; everything else (model, data, optimiser, seed, batch size) comes from the
 # checkpoint so that the resumed run continues the same training.
 OPERATIONAL_KEYS = frozenset(
     {"run_dir", "events", "resume_from", "checkpoint_every", "epochs", "max_steps", "log_every", "device",
-     "amp", "amp_dtype", "fault"}
+     "amp", "amp_dtype", "fault", "fence"}
 )
-
-CHECKPOINT_FORMAT = 1
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -126,264 +144,6 @@ def read_config(
         cfg = {**DEFAULT_CONFIG, **saved, **{k: v for k, v in cfg.items() if k in OPERATIONAL_KEYS}}
     return cfg, checkpoint
 
-
-# ---------------------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits: global rank, rank on this node, number of ranks, its device."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    is_main: bool
-    ddp: bool
-    # gloo group for small host-side collectives (stop flag, RNG states): under NCCL they would need a CUDA
-    # tensor and a device sync at every step. None = the default group (already gloo on CPU).
-    cpu_group: Any = None
-
-
-def setup_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group if launched by torchrun (nanoGPT style), else run as one process.
-
-    CUDA ranks use NCCL on ``cuda:LOCAL_RANK``; CPU ranks use gloo.
-    """
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"device {device!r} is not one of auto, cpu, cuda: fix 'device' in the config")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("device 'cuda' was asked for but no CUDA GPU is visible: use device 'auto' or 'cpu'")
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    cpu_group = None
-    if ddp:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
-        if use_cuda:
-            torch.cuda.set_device(local_rank)  # before init: NCCL binds each rank to its own GPU
-            dev = torch.device("cuda", local_rank)
-            dist.init_process_group(backend="nccl", device_id=dev)
-            cpu_group = dist.new_group(backend="gloo")
-        else:
-            dev = torch.device("cpu")
-            dist.init_process_group(backend="gloo")
-    else:
-        rank, local_rank, world_size = 0, 0, 1
-        dev = torch.device("cuda") if use_cuda else torch.device("cpu")
-    if use_cuda:  # TF32 matmuls/convs: ~free speed on Ampere+ at no visible cost for these models
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return DistInfo(rank, local_rank, world_size, dev, rank == 0, ddp, cpu_group)
-
-
-def teardown_distributed(info: DistInfo) -> None:
-    """Leave the process group (clean exits only; a crashing rank just exits and torchrun reaps the rest).
-
-    The ranks meet at a barrier first: otherwise a rank that is done while rank 0 still writes the final checkpoint
-    tears its gloo connections down under a peer still in use, and can die in C++ at exit ("terminate called
-    without an active exception", SIGABRT), which fails a finished run."""
-    if info.ddp and dist.is_initialized():
-        dist.barrier(group=info.cpu_group)
-        dist.destroy_process_group()
-
-
-def all_reduce_(t: torch.Tensor, info: DistInfo, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all_reduce that is a no-op without DDP; returns ``t``."""
-    if info.ddp:
-        dist.all_reduce(t, op=op)
-    return t
-
-
-# ---------------------------------------------------------------------------------------------- events
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None  # NaN/inf are not JSON; a diverged loss shows as null
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    return v
-
-
-class EventWriter:
-    """Appends one JSON object per line to the event file (rank 0 only), flushed and fsynced each time."""
-
-    def __init__(self, path: str | None, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self._f = None
-        if enabled and path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 -- kept open for the run
-
-    def emit(self, event: str, **fields: Any) -> dict | None:
-        """Write {"event": event, "time": now, **fields}; returns the record (None on non-main ranks)."""
-        if not self.enabled:
-            return None
-        record = {"event": event, "time": time.time(), **{k: _jsonable(v) for k, v in fields.items()}}
-        if self._f is not None:
-            self._f.write(json.dumps(record) + "\n")
-            self._f.flush()
-            os.fsync(self._f.fileno())
-        return record
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-
-# --------------------------------------------------------------------------------------------- signals
-
-
-class StopFlag:
-    """SIGTERM/SIGINT handler that only records the request; ranks act on it together at a step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signum: int | None = None
-
-    @classmethod
-    def install(cls) -> StopFlag:
-        flag = cls()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, flag._handle)
-        return flag
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested, self.signum = True, signum
-
-    def agreed(self, info: DistInfo) -> bool:
-        """Collective: True on every rank if any rank was signalled, so all stop at the same step."""
-        if not info.ddp:
-            return self.requested
-        t = torch.tensor([1 if self.requested else 0], dtype=torch.int32)  # host tensor, gloo: no GPU sync
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.cpu_group)
-        return bool(t.item())
-
-
-# ------------------------------------------------------------------------------------------------- amp
-
-
-@dataclass
-class Amp:
-    """Autocast dtype (None = full precision) and the GradScaler (enabled for fp16 only)."""
-
-    device_type: str
-    dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
-
-
-def select_amp(device: torch.device, amp: bool, amp_dtype: str = "auto") -> Amp:
-    """bf16 autocast on CUDA where supported (no scaler needed), else fp16 with a GradScaler; CPU: none."""
-    dtype = None
-    if amp and device.type == "cuda":
-        if amp_dtype not in ("auto", "bf16", "fp16"):
-            raise UserError(f"amp_dtype {amp_dtype!r} is not one of auto, bf16, fp16: fix the config")
-        bf16 = amp_dtype == "bf16" or (amp_dtype == "auto" and torch.cuda.is_bf16_supported())
-        dtype = torch.bfloat16 if bf16 else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return Amp(device.type, dtype, scaler)
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    path: str
-    sha256: str
-    bytes: int
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def checkpoint_path(run_dir: str, step: int) -> str:
-    return os.path.abspath(os.path.join(run_dir, "checkpoints", f"step-{step:08d}.pt"))
-
-
-def save_checkpoint(state: dict, run_dir: str, step: int) -> CheckpointInfo:
-    """Write ``run_dir/checkpoints/step-XXXXXXXX.pt`` atomically (temporary name, fsync, os.replace)."""
-    path = checkpoint_path(run_dir, step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return CheckpointInfo(path, sha256_file(path), os.path.getsize(path))
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint onto the CPU. ``weights_only=True``: a checkpoint can carry tensors, not code."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist: pass an existing checkpoint to resume_from")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a training checkpoint of this project: resume from a step-*.pt file")
-    return ckpt
-
-
-def rng_state() -> dict:
-    """This process's torch (CPU and CUDA), numpy and python RNG states, in weights_only-loadable types."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-
-
-def seed_rank(seed: int, rank: int) -> None:
-    """Seed every RNG of this rank; ranks differ so that per-sample noise differs across ranks."""
-    s = seed + rank
-    torch.manual_seed(s)
-    np.random.seed(s % 2**32)
-    random.seed(s)
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-
-def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
-    """Optimizer steps per epoch: each rank sees ceil(N / W) samples (padded), in ceil(. / B) batches."""
-    return math.ceil(math.ceil(num_samples / world_size) / batch_size)
-
-
-def epoch_batches(num_samples: int, epoch: int, seed: int, info: DistInfo, batch_size: int) -> list[torch.Tensor]:
-    """This rank's index batches for ``epoch``: a deterministic function of (seed, epoch, rank, world size).
-
-    The last batch may be short (same length on every rank, since DistributedSampler pads to equal shares).
-    """
-    sampler = DistributedSampler(range(num_samples), num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                 seed=seed, drop_last=False)
-    sampler.set_epoch(epoch)
-    idx = torch.tensor(list(iter(sampler)), dtype=torch.long)
-    return list(idx.split(batch_size))
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -439,6 +199,8 @@ class Trainer:
         self.after_step = after_step
         self.amp = select_amp(info.device, bool(cfg["amp"]), cfg.get("amp_dtype", "auto"))
         self.events = EventWriter(cfg.get("events"), enabled=info.is_main)
+        if info.is_main and stop.fence is None:
+            stop.fence = LeaseFence.from_config(cfg.get("fence"))
         self.epoch, self.step, self.step_in_epoch = 0, 0, 0
         self.resumed_from: str | None = None
         self.last_saved_step: int | None = None
@@ -482,6 +244,8 @@ class Trainer:
 
     def save(self, reason: str) -> CheckpointInfo | None:
         """Collective: gather RNG states and epoch sums from all ranks; rank 0 writes and logs the checkpoint."""
+        if self.stop.agreed(self.info) and self.stop.fenced:
+            return None  # another attempt owns the run: write nothing (the loop stops at its next check)
         rngs: list[Any] = [None] * self.info.world_size
         if self.info.ddp:
             dist.all_gather_object(rngs, rng_state(), group=self.info.cpu_group)
@@ -611,6 +375,8 @@ class Trainer:
             finished = self.epoch >= epochs or self.step >= total
             if (epoch_done or finished) and self.last_saved_step != self.step:
                 self.save("final" if finished else "epoch")
+        if self.stop.fenced:  # agreed by every rank when the last save was refused
+            return self._stop_on_signal()
         if on_end is not None:
             for name, value in on_end(self).items():
                 self.metrics[name] = float(value)
@@ -638,14 +404,21 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.epoch_sums = self.epoch + 1, 0, _Sums()
 
     def _stop_on_signal(self) -> dict:
-        # nothing to save when no step ran since the last checkpoint (or since the checkpoint resumed from)
-        if self.step > 0 and self.last_saved_step != self.step:
-            self.save("signal")
-        self.events.emit("stopped", reason="signal", step=self.step, epoch=self.epoch,
-                         step_in_epoch=self.step_in_epoch, checkpoint=self.last_checkpoint)
+        if self.stop.fenced:  # another attempt owns the run now: write nothing it could take for its own
+            self.events.emit("stopped", reason="fenced", step=self.step, epoch=self.epoch,
+                             step_in_epoch=self.step_in_epoch, checkpoint=None, message=self.stop.reason)
+        else:
+            # nothing to save when no step ran since the last checkpoint (or since the checkpoint resumed from)
+            if self.step > 0 and self.last_saved_step != self.step:
+                self.save("signal")
+            self.events.emit("stopped", reason="signal", step=self.step, epoch=self.epoch,
+                             step_in_epoch=self.step_in_epoch, checkpoint=self.last_checkpoint)
         self.events.close()
+        if self.stop.fence is not None:
+            self.stop.fence.close()
         if self.info.is_main:
-            print(f"stopped by signal at step {self.step}", flush=True)
+            why = f"fenced: {self.stop.reason}" if self.stop.fenced else "by signal"
+            print(f"stopped {why} at step {self.step}", flush=True)
         return {"stopped": True, "step": self.step, "epoch": self.epoch, "metrics": dict(self.metrics)}
 
     def emit_metric(self, name: str, value: float) -> None:
