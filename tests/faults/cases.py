@@ -615,6 +615,9 @@ def _crash_inside_create_job(settings: Settings) -> bool:
     return counts() == before
 
 
+from tests.faults.cases_messages import poison_messages, submit_broker_down, wrong_task_messages  # noqa: E402
+
+
 @dataclass(frozen=True)
 class Case:
     """A registered case: its function, the backends it applies to, and its arguments per backend."""
@@ -645,6 +648,9 @@ CASES: dict[str, Case] = {
     # storage does not depend on the broker or the database
     "storage": Case(storage_faults, ("embedded",)),
     "submitter": Case(submitter_crash, BOTH),
+    "poison": Case(poison_messages, BOTH),
+    "wrong_task": Case(wrong_task_messages, BOTH),
+    "submit_broker_down": Case(submit_broker_down, BOTH),
 }
 
 #: Outcomes (by case title) that show a bug not fixed yet: the tests mark them xfail(strict=True) with this reason.

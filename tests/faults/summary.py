@@ -118,7 +118,8 @@ def _bench(stack: contextlib.ExitStack, backend: str, work: Path, inputs, refs) 
     from tests.faults.infra import temporary_pg_database
 
     url = stack.enter_context(temporary_pg_database(PG_ADMIN_URL))
-    index = 3 + random.randrange(12)  # the DB indices tests/conftest.py uses; emptied before each case and after
+    # the DB indices tests/conftest.py uses (ORCH_TEST_REDIS_DB when set); emptied before each case and after
+    index = int(os.environ.get("ORCH_TEST_REDIS_DB", str(3 + random.randrange(12))))
     broker = f"{REDIS_URL}/{index}"
     stack.callback(lambda: redis.Redis.from_url(broker).flushdb())
     s = Settings.from_env({"ORCH_HOME": str(work / "servers"), "ORCH_BROKER_URL": broker,

@@ -3,6 +3,7 @@ recorded, the worker stays up, and real work still completes."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -17,8 +18,6 @@ from shared.models import Job, Shard
 from tests.faults.messages import BROKEN, bad_messages, publish_raw, publish_task
 from tests.orchestrator.conftest import create_only, invert_args
 from workers.dispatch import enqueue_shards
-
-pytestmark = pytest.mark.slow
 
 #: no reaper in these workers: the target jobs are rows only, and a reaper would publish them after 30 s
 NO_REAPER = {"ORCH_REAPER": "0"}
@@ -39,6 +38,7 @@ def _shard(settings, job_id: str, index: int = 0) -> tuple:
                                .where(Shard.job_id == job_id, Shard.index == index)).one())
 
 
+@pytest.mark.slow
 def test_poison_messages_are_refused_and_the_worker_stays_up(backend, tmp_path):
     s = backend
     target = jobs.create_job(s, C.KIND_BENCH, {}, 1)  # rows only: the poison names its shard
@@ -66,6 +66,7 @@ def test_poison_messages_are_refused_and_the_worker_stays_up(backend, tmp_path):
     assert _shard(s, target) == ("pending", 0, None)  # no poison ran the shard it names
 
 
+@pytest.mark.slow
 def test_wrong_task_for_the_kind_is_refused(backend, tiny_sd, m3fd_small, tmp_path):
     """A train.run or sample.shard message naming a live invert job's shard is refused at the claim and recorded;
     the job is unharmed and the invert message completes the shard."""
@@ -90,3 +91,32 @@ def test_wrong_task_for_the_kind_is_refused(backend, tiny_sd, m3fd_small, tmp_pa
     assert alive == [True]
     assert job.state == "succeeded", log[-3000:]
     assert _shard(s, job_id)[:2] == ("done", 1)  # one claim: the right task's
+
+
+@pytest.mark.parametrize("broken", BROKEN, ids=lambda b: b.name)
+def test_check_names_what_is_wrong(broken):
+    """The guard's check on its own (no worker): each broken shape is refused, a good message passes."""
+    from kombu.message import Message
+
+    from workers import poison
+    from workers.celery_app import app
+
+    def message(headers, body, content_type):
+        return Message(body=body, content_type=content_type, content_encoding="utf-8", headers=headers,
+                       delivery_info={"routing_key": broken.queue}, accept={"application/json"})
+
+    good = app.amqp.as_task_v2("id-1", C.TASK_BENCH_SHARD, kwargs={"job_id": "bench-0123456789ab", "shard_index": 0})
+    assert poison.check(message(dict(good.headers), json.dumps(list(good.body)).encode(), "application/json")) is None
+    bad = message(*broken.make(dict(good.headers), list(good.body)))
+    assert poison.check(bad)
+    ref, first = poison.describe(bad)
+    assert ref.startswith(broken.queue + " ") and first.startswith("b")
+
+
+def test_wrong_task_names_both_tasks():
+    from workers.poison import wrong_task
+
+    assert wrong_task(C.KIND_INVERT, C.TASK_INVERT_SHARD) is None and wrong_task(C.KIND_INVERT, None) is None
+    why = wrong_task(C.KIND_INVERT, C.TASK_TRAIN_RUN)
+    assert why.startswith("wrong task") and C.TASK_TRAIN_RUN in why and C.TASK_INVERT_SHARD in why
+    assert wrong_task(C.KIND_TRAIN_NCSN, C.TASK_TRAIN_RUN) is None
