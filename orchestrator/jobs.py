@@ -55,11 +55,37 @@ def create_job(
 
 def submit(settings: Settings, kind: str, spec: dict[str, Any], n_shards: int, items=(), lineage=(),
            rejections=()) -> str:
-    """Create the rows, then publish the shards. A crash in between leaves a `queued` job with pending shards that
-    `orchestrator resume` (or the reaper) publishes; nothing is lost."""
+    """Check the broker, create the rows, then publish the shards.
+
+    All or nothing from the user's side: a broker that cannot be reached (or an unknown scheme, or a refused
+    password) is an error before any row exists. If publishing fails once the rows exist, the job is cancelled, so
+    no reaper publishes it and no stray message runs it, and the error names the job and `orchestrator resume`.
+    A submitter that crashes in between (no error reaches anyone) leaves a `queued` job with pending shards that
+    `orchestrator resume` (or the reaper) publishes; nothing is lost.
+    """
+    from workers.dispatch import broker_problem
+
+    problem = broker_problem(settings)
+    if problem:
+        raise UserError(f"{problem}: nothing was submitted (check ORCH_BROKER_URL and that the broker is up)")
     job_id = create_job(settings, kind, spec, n_shards, items, lineage, rejections)
-    enqueue_shards(settings, job_id, range(n_shards), kind)
+    try:
+        enqueue_shards(settings, job_id, range(n_shards), kind)
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        _abandon(settings, job_id, f"submission failed while publishing its shards ({why})")
+        raise UserError(f"job {job_id} was created but its shards could not be published ({why}); it is cancelled "
+                        f"and will not run: publish it with `orchestrator resume {job_id}` once the broker is "
+                        "back") from None
     return job_id
+
+
+def _abandon(settings: Settings, job_id: str, error: str) -> None:
+    """Cancel a job whose submission failed (the reaper publishes only queued and running jobs; a claim refuses a
+    cancelled one), keeping its rows so that `resume` can still publish it."""
+    cancel(settings, job_id)
+    with session_scope(settings) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(error=error[:4000]))
 
 
 def get_job(settings: Settings, job_id: str) -> Job:

@@ -32,6 +32,7 @@ from shared.db import session_scope, transaction
 from shared.models import Job, Shard
 from shared.settings import Settings
 from shared.status import JobState, ShardState
+from workers.poison import wrong_task
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,11 @@ _STARTED_JOBS_MAX = 256
 _started_lock = threading.Lock()
 
 
-def claim_shard(settings: Settings, job_id: str, index: int, owner: str) -> Claim:
+def claim_shard(settings: Settings, job_id: str, index: int, owner: str, task_name: str | None = None) -> Claim:
     """Take the lease of shard (job_id, index) for `owner`, unless it is done, cancelled or leased by someone alive.
+
+    `task_name`, the task of the message being run, must be the task of the job's kind: another task's code would
+    run the shard with the wrong work function and fail the job, so such a claim is refused and changes nothing.
 
     The common case (a queued shard of a live job) is ONE conditional UPDATE ... RETURNING once this process knows
     the job (its kind and spec, and that it has started); the first claim of a job in a process also reads the job
@@ -144,11 +148,15 @@ def claim_shard(settings: Settings, job_id: str, index: int, owner: str) -> Clai
         known = _STARTED_JOBS.get(key)
     params = {"p_job": job_id, "p_index": int(index), "p_owner": owner, "p_now": now,
               "p_expires": now + timedelta(seconds=settings.lease_seconds), "p_worker": owner.rsplit(":", 1)[0]}
+    if known is not None and (why := wrong_task(known[0], task_name)):
+        return Claim(False, why, kind=known[0])
     with transaction(settings) as conn:
         if known is None:
             job = conn.execute(
                 select(_jobs.c.kind, _jobs.c.spec, _jobs.c.state, _jobs.c.started_at).where(_jobs.c.id == job_id)
             ).one_or_none()
+            if job is not None and (why := wrong_task(job.kind, task_name)):
+                return Claim(False, why, kind=job.kind)
             if job is None or job.state not in (JobState.QUEUED, JobState.RUNNING):
                 row = None
             else:

@@ -7,6 +7,9 @@ critical path (benchmarks/README.md, section 1). Here the first buffered event a
 ``EVENT_FLUSH_SECONDS`` later (or as soon as the buffer holds Celery's ``buffer_limit`` of 24 events), so a busy
 worker publishes one message per interval. Flower and ``orchestrator watch`` see every event, at most that much
 later; nothing is dropped: the buffer is also flushed before the consumer stops or shuts down.
+
+Every task message also passes ``workers.poison.guard`` before Celery parses it: a malformed one is rejected
+without requeue and recorded, instead of stopping the worker (workers/poison.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import logging
 
 from celery.worker.consumer import Consumer as CeleryConsumer
+
+from workers import poison
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +28,9 @@ EVENT_FLUSH_SECONDS = 0.05
 
 class Consumer(CeleryConsumer):
     _flush_armed = False
+
+    def create_task_handler(self, *args, **kwargs):
+        return poison.guard(super().create_task_handler(*args, **kwargs), self)
 
     def on_send_event_buffered(self) -> None:
         # called from whichever thread sent the event; call_soon is the hub's thread-safe entry point, and the

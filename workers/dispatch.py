@@ -48,6 +48,39 @@ def get_app(settings: Settings) -> Celery:
     return _app_for(settings)
 
 
+#: Seconds a submission waits for the broker before saying it cannot be reached.
+BROKER_CHECK_SECONDS = 5.0
+
+
+def broker_problem(settings: Settings) -> str | None:
+    """Why the broker cannot take messages right now (unreachable, unknown scheme, refused login), or None.
+
+    The submitter asks before it creates any row, so a submission that cannot be published leaves nothing behind.
+    """
+    if settings.embedded_broker:
+        try:
+            settings.ensure_local_folders()
+        except OSError as e:
+            return f"the embedded broker's folder is not usable: {e}"
+        return None
+    try:
+        with get_app(settings).connection_for_write() as conn:
+            # one try, no retry loop: kombu connects (Redis: and PINGs, which checks the password) or raises
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=BROKER_CHECK_SECONDS)
+    except KeyError as e:  # kombu: "No such transport: <scheme>"
+        return f"unknown broker scheme in {_masked(settings.broker_url)} ({e.args[0] if e.args else e})"
+    except Exception as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0].rstrip(".")
+        return f"cannot reach the broker {_masked(settings.broker_url)}: {why}"
+    return None
+
+
+def _masked(url: str) -> str:
+    from shared.settings import mask_url
+
+    return mask_url(url)
+
+
 def queue_for(settings: Settings, task_name: str) -> str:
     """The queue a task's messages go to, from the app's own routing (``task_routes``, else the default queue)."""
     conf = get_app(settings).conf

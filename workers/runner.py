@@ -95,7 +95,7 @@ def run_shard(
 ) -> dict[str, Any]:
     task_id = getattr(getattr(task, "request", None), "id", None)
     owner = bk.make_owner(task_id)
-    claim = bk.claim_shard(settings, job_id, index, owner)
+    claim = bk.claim_shard(settings, job_id, index, owner, getattr(task, "name", None))
     if not claim.ok and claim.retry_in is not None:
         raise LeasedElsewhere(claim.reason, claim.retry_in)
     if not claim.ok:

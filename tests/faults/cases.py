@@ -617,6 +617,9 @@ def _crash_inside_create_job(settings: Settings) -> bool:
     return counts() == before
 
 
+from tests.faults.cases_messages import poison_messages, submit_broker_down, wrong_task_messages  # noqa: E402
+
+
 @dataclass(frozen=True)
 class Case:
     """A registered case: its function, the backends it applies to, and its arguments per backend."""
@@ -648,6 +651,9 @@ CASES: dict[str, Case] = {
     "storage": Case(storage_faults, ("embedded",)),
     "submitter": Case(submitter_crash, BOTH),
     "freeze_training": Case(frozen_training_worker, BOTH),
+    "poison": Case(poison_messages, BOTH),
+    "wrong_task": Case(wrong_task_messages, BOTH),
+    "submit_broker_down": Case(submit_broker_down, BOTH),
 }
 
 #: Outcomes (by case title) that show a bug not fixed yet: the tests mark them xfail(strict=True) with this reason.

@@ -37,8 +37,8 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 class PrivateRedis:
     """A redis-server on a free loopback port, with AOF persistence as deploy/ runs it (`--appendonly yes`)."""
 
-    def __init__(self, folder: Path, appendonly: bool = True):
-        self.folder, self.appendonly = folder, appendonly
+    def __init__(self, folder: Path, appendonly: bool = True, password: str | None = None):
+        self.folder, self.appendonly, self.password = folder, appendonly, password
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         folder.mkdir(parents=True, exist_ok=True)
@@ -55,6 +55,8 @@ class PrivateRedis:
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.folder),
                 "--logfile", str(self.folder / "redis.log")]
+        if self.password:
+            argv += ["--requirepass", self.password]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + 20

@@ -10,6 +10,7 @@ from functools import lru_cache
 from shared.db import ensure_schema
 from shared.settings import Settings
 from workers.celery_app import app
+from workers.poison import WRONG_TASK
 from workers.runner import TRANSIENT, LeasedElsewhere, ShardContext, ShardOutput, run_shard
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def shard_task(name: str, work: Callable[[ShardContext], ShardOutput]):
             out = run_shard(settings(), job_id, shard_index, work, task=self)
         except LeasedElsewhere as e:
             raise self.retry(countdown=e.retry_in, max_retries=None) from None
-        if str(out.get("skipped", "")).startswith("unknown shard"):
+        if str(out.get("skipped", "")).startswith(("unknown shard", WRONG_TASK)):
             reject_message(self, out["skipped"], args, kwargs)
             return {"rejected": out["skipped"]}
         return out
