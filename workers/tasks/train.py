@@ -138,7 +138,7 @@ def train_work(ctx: ShardContext) -> ShardOutput:
 
     hb = ctx.heartbeat
     outcome = supervise(cmd, events, run_dir / "torchrun.log", on_event,
-                        should_stop=lambda: hb.cancelled.is_set() or hb.lost.is_set(),
+                        should_stop=hb.should_stop,
                         env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     if hb.lost.is_set():
         raise bk.LeaseLost(f"training run {ctx.job_id} lost its lease")
