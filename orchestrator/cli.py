@@ -170,10 +170,15 @@ def cmd_status(args, settings: Settings) -> int:
     _print(f"shards   {st['shards_done']}/{st['shards_total']} done, {st['shards_failed']} failed  "
            + " ".join(f"{k}={v}" for k, v in sorted(st["shards_by_state"].items())))
     _print(f"created  {st['created_at']}   finished {st['finished_at'] or '-'}")
-    for r in st["running"]:
-        pr = r["progress"] or {}
-        extra = " ".join(f"{k}={v}" for k, v in pr.items() if k not in ("job_id", "shard"))
-        _print(f"  shard {r['shard']:>4} on {r['worker']}: {extra}")
+    if st["running"]:
+        import time
+
+        from orchestrator.watch import RateTracker, describe_running, snapshot
+
+        view, rates = snapshot(settings, args.job), RateTracker()  # rate and ETA exactly as `watch` has them
+        for sh in view.running[:50]:
+            rate = rates.rate(sh, time.monotonic(), view.training)
+            _print(f"  shard {sh.index:>4} on {sh.worker or '?'}: {describe_running(view, sh, rate)}")
     if st["error"]:
         _print(f"error    {st['error'].splitlines()[0]}")
     return C.EXIT_OK
@@ -381,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True)
 
     s = sub.add_parser("worker", help="start Celery worker processes (one per GPU)")
-    s.add_argument("--queues", default="gpu,cpu", help="comma-separated: gpu, train, cpu")
+    s.add_argument("--queues", default=None,
+                   help="comma-separated: gpu, train, cpu (default: all three without --gpus, gpu,cpu with --gpus)")
     s.add_argument("--gpus", default=None, help="GPU indices (0,1) or 'all'; omitted: CPU")
     s.add_argument("--processes", type=int, default=1, help="CPU only: number of worker processes")
     s.add_argument("--concurrency", type=int, default=1, help="pool processes per worker (keep 1 per GPU)")

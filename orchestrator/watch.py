@@ -24,7 +24,7 @@ from shared.status import JobState, ShardState
 #: Job kinds whose single shard is a training run (progress counts optimiser steps).
 TRAIN_KINDS = (C.KIND_TRAIN_TRANSLATOR, C.KIND_TRAIN_NCSN, C.KIND_TRAIN_CLASSIFIER)
 #: Keys of a shard's progress that are bookkeeping, not something to show.
-_HIDDEN = {"job_id", "shard", "done", "total", "epoch", "loss", "resumed_from", "world_size"}
+_HIDDEN = {"job_id", "shard", "done", "total", "epoch", "loss", "resumed_from", "world_size", "unit"}
 
 
 @dataclass
@@ -149,7 +149,7 @@ class RateTracker:
         dt, dd = now - first[0], shard.done - first[1]
         if dt > 0 and dd > 0:
             return dd / dt
-        if not training:
+        if not training and not shard.progress.get("unit"):  # a `*_per_s` rate counts items, not the unit
             for k, v in shard.progress.items():
                 if k.endswith("_per_s") and isinstance(v, (int, float)) and v > 0:
                     return float(v)
@@ -159,10 +159,35 @@ class RateTracker:
         return None
 
 
+def eta_of(shard: ShardView, rate: float | None) -> float | None:
+    """Seconds left of a running shard at `rate` units per second (None while unknown)."""
+    return (shard.total - shard.done) / rate if rate and shard.total > shard.done else None
+
+
+def describe_running(view: JobView, shard: ShardView, rate: float | None) -> str:
+    """A running shard for `status`: done/total, rate and ETA as `watch` has them, or how long it ran without any."""
+    p = shard.progress
+    if not p.get("done") and not p.get("total"):
+        since = (view.now - shard.started_at).total_seconds() if shard.started_at else None
+        return f"started {fmt_duration(since)} ago, no progress reported yet" if since is not None else "starting"
+    unit = unit_of(shard, view.training)
+    parts = [f"{int(shard.done)}/{int(shard.total)} {unit} ({100 * shard.fraction:.0f}%)" if shard.total
+             else f"{int(shard.done)} {unit}"]
+    if rate:
+        parts.append(f"{rate:.3g}/s")
+    eta = eta_of(shard, rate)
+    if eta is not None:
+        parts.append(f"ETA {fmt_duration(eta)}")
+    parts += [f"{k}={fmt_num(v)}" for k, v in p.items() if k not in _HIDDEN and v is not None]
+    return ", ".join(parts)
+
+
 def unit_of(shard: ShardView, training: bool) -> str:
     """What the shard counts: steps for training, else the noun of its `<noun>_per_s` rate (pairs, samples)."""
     if training:
         return "steps"
+    if shard.progress.get("unit"):  # U-Net calls, Langevin steps: progress that moves inside a batch
+        return str(shard.progress["unit"]).replace("_", " ")
     for k in shard.progress:
         if k.endswith("_per_s"):
             return k[: -len("_per_s")]
@@ -233,7 +258,7 @@ def shard_line(view: JobView, shard: ShardView, rate: float | None, width: int) 
     p = shard.progress
     unit = unit_of(shard, view.training)
     head = f"  {'run' if view.training else f'shard {shard.index}':<9}"
-    eta = (shard.total - shard.done) / rate if rate and shard.total > shard.done else None
+    eta = eta_of(shard, rate)
     parts = []
     if view.training:
         parts.append(f"step {int(shard.done)}/{int(shard.total)}" if shard.total else f"step {int(shard.done)}")
@@ -324,7 +349,7 @@ def as_record(view: JobView, rates: dict[int, float | None]) -> dict[str, Any]:
     running = []
     for sh in view.running:
         r = rates.get(sh.index)
-        eta = (sh.total - sh.done) / r if r and sh.total > sh.done else None
+        eta = eta_of(sh, r)
         running.append({"shard": sh.index, "worker": sh.worker, "attempts": sh.attempts,
                         "done": sh.progress.get("done"), "total": sh.progress.get("total"),
                         "rate_per_s": round(r, 6) if r else None, "eta_s": round(eta, 3) if eta else None,

@@ -77,7 +77,14 @@ class ShardContext:
             log.debug("progress event of shard %s/%s not sent: %s", self.job_id, self.index, e)
 
     def check(self) -> None:
-        self.heartbeat.check()
+        """Raise Cancelled / LeaseLost when the shard must stop (reads the job's state at most once a second)."""
+        self.heartbeat.poll()
+
+    def step(self, done: int, total: int, **extra: Any) -> None:
+        """Progress from inside a batch (one U-Net call, one Langevin step) and the cancel check: cheap enough
+        to call per step (a dict update, a clock read; a DB read and an event at most once a second)."""
+        self.progress(done, total, **extra)
+        self.heartbeat.poll()
 
 
 @dataclass

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,9 @@ import torch
 
 from shared.errors import UserError
 from workers.ml.sd import SDParts, encode_prompt
+
+#: Called after each U-Net call with (calls done, calls in the batch); it may raise to stop the work (a cancel).
+StepCallback = Callable[[int, int], None]
 
 #: Length of the training noise schedule every preset assumes (SD 1.x and 2.x, sd-turbo).
 NUM_TRAIN_TIMESTEPS = 1000
@@ -260,13 +264,17 @@ def _embeddings(parts: SDParts, prompt: str, batch: int) -> torch.Tensor:
     return encode_prompt(parts, prompt).expand(batch, -1, -1)  # (B, 77, D)
 
 
-def _invert(parts: SDParts, z0: torch.Tensor, emb: torch.Tensor, cfg: InversionConfig) -> torch.Tensor:
+def _invert(parts: SDParts, z0: torch.Tensor, emb: torch.Tensor, cfg: InversionConfig,
+            on_step: StepCallback | None = None) -> torch.Tensor:
     sched = make_inverse_scheduler(parts.scheduler_config)
     sched.set_timesteps(cfg.steps)
     z = z0.to(parts.device, torch.float32)
+    ts = inversion_timesteps(parts.scheduler_config, cfg)
     with torch.inference_mode():
-        for t in inversion_timesteps(parts.scheduler_config, cfg):
+        for k, t in enumerate(ts):
             z = sched.step(_eps(parts, z, t, emb), t, z).prev_sample  # eqs. (1)-(2): level t - stride -> t
+            if on_step is not None:
+                on_step(k + 1, len(ts))
     return z
 
 
@@ -305,13 +313,15 @@ def invert_pairs(
     ir: torch.Tensor,
     cfg: InversionConfig,
     generator: torch.Generator | None = None,
+    on_step: StepCallback | None = None,
 ) -> dict[str, torch.Tensor]:
     """Encode and invert a batch of pairs: rgb, ir (B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8).
 
     RGB is conditioned on ``cfg.prompt_rgb`` and IR on ``cfg.prompt_ir``; both halves run as ONE batch of 2B
     (per-sample text embeddings), so each timestep costs one U-Net call. With latent == "sample" and no
     ``generator``, draws come from a generator seeded with ``cfg.seed`` (deterministic, so a redelivered shard
-    writes the same latents; pass a per-shard generator so shards differ).
+    writes the same latents; pass a per-shard generator so shards differ). ``on_step(done, total)`` runs after
+    each U-Net call (progress, cancellation).
 
     Returns float32 CPU contiguous tensors: "z_rgb_0", "z_ir_0" (VAE latents) and "z_rgb_t", "z_ir_t" (at t_end).
     """
@@ -323,7 +333,7 @@ def invert_pairs(
         generator = torch.Generator().manual_seed(cfg.seed)
     z0 = encode(parts, torch.cat([rgb, ir]), cfg.latent, generator)  # (2B, 4, h, w)
     emb = torch.cat([_embeddings(parts, cfg.prompt_rgb, b), _embeddings(parts, cfg.prompt_ir, b)])
-    zt = _invert(parts, z0, emb, cfg)
+    zt = _invert(parts, z0, emb, cfg, on_step)
 
     def out(x: torch.Tensor) -> torch.Tensor:
         x = x.detach().to("cpu", torch.float32).contiguous()

@@ -226,6 +226,7 @@ def anneal_langevin(
     final_denoise: bool = False,
     clamp: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1), batched over x_init (B, C, H, W).
 
@@ -234,7 +235,8 @@ def anneal_langevin(
     with alpha_i from ``step_sizes(sigmas, step_lr, rule)``. With ``final_denoise`` (NCSNv2, Tweedie's formula)
     the result is x + sigma_L^2 * s(x, sigma_L), the posterior mean of the clean image, which removes the
     sigma_L noise left by the last level. ``clamp`` (lo, hi) is applied once to the returned samples.
-    ``score_fn(x, sigma)`` receives sigma as a (B,) tensor; no gradients are recorded.
+    ``score_fn(x, sigma)`` receives sigma as a (B,) tensor; no gradients are recorded. ``on_step(done, total)``
+    runs after each Langevin step (progress, cancellation: it may raise to stop).
     """
     alphas = step_sizes(sigmas, step_lr, rule)
     x = x_init.clone()
@@ -243,6 +245,7 @@ def anneal_langevin(
     # (benchmarks/README.md, NCSN sampling)
     z, sigma = torch.empty_like(x), torch.empty((b,), device=x.device, dtype=x.dtype)
     draw_here = generator is None or generator.device == x.device
+    total, done = len(alphas) * n_steps_each, 0
     with torch.inference_mode():
         for sigma_i, alpha_i in zip(sigmas.tolist(), alphas.tolist(), strict=True):
             sigma.fill_(sigma_i)
@@ -252,6 +255,9 @@ def anneal_langevin(
                 else:  # e.g. a CPU generator for CUDA samples (same numbers on any device)
                     z.copy_(_randn(x.shape, x, generator))
                 x.add_(score_fn(x, sigma).to(x.dtype), alpha=alpha_i / 2).add_(z, alpha=math.sqrt(alpha_i))
+                if on_step is not None:
+                    done += 1
+                    on_step(done, total)
         if final_denoise:
             sigma_last = float(sigmas[-1])
             sigma = torch.full((b,), sigma_last, device=x.device, dtype=x.dtype)

@@ -38,7 +38,7 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
     from safetensors.torch import save_file
 
     from shared.db import session_scope
-    from workers.ml.inversion import InversionConfig, invert_pairs
+    from workers.ml.inversion import InversionConfig, inversion_timesteps, invert_pairs
     from workers.ml.m3fd import Pair, load_image_pair
     from workers.ml.prefetch import prefetched
 
@@ -77,6 +77,10 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
 
     # the next batches decode on two threads while this one is inverted (benchmarks/README.md, "Data loading")
     batches = [items[i : i + bs] for i in range(0, len(items), bs)]
+    # progress counts U-Net calls (the shard's real work), so it moves inside a batch; each call also checks for
+    # a cancel (at most one DB read a second), so a cancelled shard stops within about a second
+    per_batch = len(inversion_timesteps(parts.scheduler_config, cfg))
+    calls_total = per_batch * len(batches)
     t0 = time.perf_counter()
     loads = prefetched(batches, load, depth=2)
     try:
@@ -85,12 +89,19 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
             skipped += bad
             if not batch:
                 continue
-            out = invert_pairs(parts, rgb, ir, cfg, generator=gen)
+            pairs_before = min(n * bs, len(items))
+
+            def on_step(k: int, _calls: int, n: int = n, pairs_before: int = pairs_before) -> None:
+                ctx.step(n * per_batch + k, calls_total, unit="unet_calls", pairs_done=pairs_before,
+                         pairs=len(items))
+
+            out = invert_pairs(parts, rgb, ir, cfg, generator=gen, on_step=on_step)
             for k, v in out.items():
                 chunks.setdefault(k, []).append(v)
             kept += batch
             rate = round(len(kept) / max(time.perf_counter() - t0, 1e-9), 3)
-            ctx.progress(min((n + 1) * bs, len(items)), len(items), pairs_per_s=rate)
+            ctx.progress((n + 1) * per_batch, calls_total, unit="unet_calls",
+                         pairs_done=min((n + 1) * bs, len(items)), pairs=len(items), pairs_per_s=rate)
     finally:
         loads.close()
     if not kept:

@@ -76,17 +76,26 @@ def sample_work(ctx: ShardContext) -> ShardOutput:
     gen = torch.Generator(device=device).manual_seed(seed)
     bs = int(spec.get("batch_size", 1000))
     out = []
+    # progress counts Langevin steps (score network calls), so it moves inside a batch; each step also checks
+    # for a cancel (at most one DB read a second)
+    per_batch = len(sigmas) * steps_each
+    steps_total = per_batch * -(-n // bs)
     t0 = time.perf_counter()
-    for start in range(0, n, bs):
+    for batch_no, start in enumerate(range(0, n, bs)):
         ctx.check()
         b = min(bs, n - start)
+
+        def on_step(k: int, _steps: int, batch_no: int = batch_no, start: int = start) -> None:
+            ctx.step(batch_no * per_batch + k, steps_total, unit="langevin_steps", samples_done=start, samples=n)
+
         x = init_noise((b, 1, 28, 28), cfg["rule"], generator=gen, device=device)
         x = anneal_langevin(lambda x, s: model(x, s), x, sigmas, n_steps_each=steps_each,
                             step_lr=float(cfg["step_lr"]), rule=cfg["rule"],
-                            final_denoise=bool(cfg["final_denoise"]), clamp=clamp, generator=gen)
+                            final_denoise=bool(cfg["final_denoise"]), clamp=clamp, generator=gen, on_step=on_step)
         out.append(images_to_uint8(x.cpu(), cfg["data_scale"]))
         done = start + b
-        ctx.progress(done, n, samples_per_s=round(done / max(time.perf_counter() - t0, 1e-9), 3))
+        ctx.progress((batch_no + 1) * per_batch, steps_total, unit="langevin_steps", samples_done=done, samples=n,
+                     samples_per_s=round(done / max(time.perf_counter() - t0, 1e-9), 3))
     seconds = time.perf_counter() - t0
     u8 = np.concatenate(out)  # (n, 28, 28) uint8
     base = f"jobs/{ctx.job_id}/samples/shard-{ctx.index:05d}"

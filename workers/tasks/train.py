@@ -195,7 +195,7 @@ def train_work(ctx: ShardContext) -> ShardOutput:
 
     hb = ctx.heartbeat
     outcome = supervise(cmd, events, run_dir / "torchrun.log", on_event,
-                        should_stop=lambda: hb.cancelled.is_set() or hb.lost.is_set(),
+                        should_stop=hb.should_stop,
                         env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                              FENCE_DATABASE_ENV: ctx.settings.database_url})
     if hb.lost.is_set():
