@@ -15,7 +15,10 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from shared import constants as C
+from shared.logs import quiet_third_party
 from shared.settings import Settings
+
+quiet_third_party()  # before kombu connects and any worker opens the DB
 
 
 def make_app(settings: Settings | None = None, sent_events: bool = True, set_as_current: bool = True) -> Celery:

@@ -141,8 +141,10 @@ def load_sd(model: str, device: str | torch.device = "cpu", dtype: torch.dtype =
     ``local_files_only=True``, moved to ``device``/``dtype``, put in eval mode with gradients disabled.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    diffusers_logging.disable_progress_bar()  # a bar per component in every worker's log says nothing useful
     folder = resolve_model(model)
     device = torch.device(device)
     try:
