@@ -311,6 +311,10 @@ def cmd_demo(args, settings: Settings) -> int:
     return run_demo(settings, workers=args.workers, pairs=args.pairs, shards=args.shards, full=not args.invert_only)
 
 
+#: Packages of the [worker] extra: a control-plane install (the base package) lacks them.
+WORKER_PACKAGES = frozenset({"torch", "torchvision", "diffusers", "transformers", "torchmetrics", "torch_fidelity",
+                             "mlxtend"})
+
 #: Modules that add their own subcommands: each has `add_parsers(sub)` and a `COMMANDS` dict {name: fn(args, settings)}.
 EXTENSIONS = ("orchestrator.monitor_cli",)
 
@@ -459,6 +463,12 @@ def main(argv: list[str] | None = None) -> int:
         return C.EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in WORKER_PACKAGES:
+            raise
+        print(f"error: `orchestrator {args.command}` needs the worker packages ({e.name} is not installed): "
+              "pip install 'm3fd-orchestrator[worker]'", file=sys.stderr)
+        return C.EXIT_USAGE
     except BrokenPipeError:
         # the reader went away (`... | head`): stop quietly, and keep Python's exit-time flush from raising again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -124,3 +124,16 @@ def test_version_log_level_and_defaults_in_help(recorded):
     assert res.returncode == 0
     res = cli(recorded, "--log-level", "loud", "jobs")
     assert res.returncode == C.EXIT_USAGE and res.stderr.startswith("error: argument --log-level")
+
+
+def test_control_plane_commands_import_no_torch(recorded):
+    """The base package (no [worker] extra) serves these: they must not import the ML stack."""
+    code = ("import sys\nfrom orchestrator.cli import main\n"
+            "for argv in (['jobs'], ['status', sys.argv[1]], ['results', sys.argv[1], '--limit', '2'],\n"
+            "             ['metrics', sys.argv[1]], ['queue-length'], ['exporter', '--once']):\n"
+            "    assert main(argv) == 0, argv\n"
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'torchvision', 'mlxtend') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    res = subprocess.run([sys.executable, "-c", code, recorded["eval"]], capture_output=True, text=True,
+                         env=recorded["env"], cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
