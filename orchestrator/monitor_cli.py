@@ -29,8 +29,7 @@ def cmd_report(args, settings: Settings) -> int:
     from orchestrator.output import dumps
     from orchestrator.report import write_report
 
-    path = write_report(settings, args.job, args.out, examples=args.examples, decode=not args.no_decode,
-                        device=args.device)
+    path = write_report(settings, args.job, args.out, examples=args.examples, decode=not args.no_decode)
     if args.json:
         print(dumps({"job_id": args.job, "report": str(path.resolve()), "bytes": path.stat().st_size}), flush=True)
     else:
@@ -104,8 +103,7 @@ def add_parsers(sub) -> None:
     p.add_argument("job")
     p.add_argument("--out", default=None, help="output file (default: report-JOB.html)")
     p.add_argument("--examples", type=int, default=4, help="example pairs shown for invert jobs")
-    p.add_argument("--no-decode", action="store_true", help="invert: skip the VAE decodes (no model loading)")
-    p.add_argument("--device", default="cpu", help="device for the VAE decodes (cpu, cuda, cuda:1)")
+    p.add_argument("--no-decode", action="store_true", help="invert: leave out the VAE decodes the workers made")
     p.add_argument("--json", action="store_true", help='print {"report": path, "bytes": n}')
 
     p = sub.add_parser("queue-length", help="messages waiting in the broker queues (what autoscalers act on)")

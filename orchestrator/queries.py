@@ -148,6 +148,19 @@ def results(settings: Settings, job_id: str, limit: int | None = None, offset: i
         ]
 
 
+#: Summary metrics that count things (stored as floats like every metric, shown as integers).
+COUNT_METRICS = frozenset({"pairs", "pairs_train", "pairs_test", "pairs_skipped", "samples", "shards", "steps",
+                           "world_size", "epochs"})
+
+
+def as_count(name: str, value: float) -> Any:
+    """`value` as an int when `name` is a count (or an id: final_checkpoint_id, n_real) and it is whole."""
+    is_count = name in COUNT_METRICS or name.startswith("n_") or name.endswith("_id")
+    if is_count and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def summary_metrics(settings: Settings, job_id: str) -> dict[str, Any]:
     """Flat {name: value} of the job's summary metrics. FID/IS also name their feature extractor, because FIDs
     from different extractors are not comparable."""
@@ -159,7 +172,7 @@ def summary_metrics(settings: Settings, job_id: str) -> dict[str, Any]:
             .where(Metric.job_id == job_id, Metric.step == C.SUMMARY_STEP, Metric.item == C.NO_ITEM)
             .order_by(Metric.name)
         ).all()
-        out: dict[str, Any] = {n: v for n, v in rows}
+        out: dict[str, Any] = {n: as_count(n, v) for n, v in rows}
         if job.kind == C.KIND_EVAL_FID and out:
             result = s.execute(select(Shard.result).where(Shard.job_id == job_id, Shard.index == 0)).scalar_one()
             out["feature_extractor"] = (result or {}).get("feature_extractor", job.spec.get("feature_extractor"))

@@ -6,7 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from orchestrator import jobs
+from orchestrator import jobs, plan
 from orchestrator.validate import check_pairs, check_positive, check_shards, plan_contiguous
 from shared import constants as C
 from shared.settings import Settings
@@ -29,6 +29,7 @@ def submit_invert(settings: Settings, args: Any) -> str:
     pairs, skipped = check_pairs(pairs, skip_bad)  # UserError naming a bad file, unless --skip-bad
     skipped = refused + skipped
     check_shards(args.shards, len(pairs))
+    plan.say(plan.upscale_warning(plan.image_sizes(pairs), cfg.size))
     ids = [p.pair_id for p in pairs]
     split = m3fd.split_pairs(ids, seed=args.split_seed, test_fraction=args.test_fraction)
     items = []
@@ -53,7 +54,9 @@ def submit_invert(settings: Settings, args: Any) -> str:
     }
     lineage = [("data", spec["data"], "pairs"), ("model", args.model, "sd")]
     rejections = [("skipped_input", f, reason) for _pid, f, reason in skipped]
-    return jobs.submit(settings, C.KIND_INVERT, spec, args.shards, items, lineage, rejections)
+    job_id = jobs.submit(settings, C.KIND_INVERT, spec, args.shards, items, lineage, rejections)
+    plan.say(plan.format_invert_plan(plan.invert_plan(len(pairs), args.shards, args.batch_size, cfg)))
+    return job_id
 
 
 def _given(**kw: Any) -> dict[str, Any]:

@@ -71,6 +71,7 @@ FILESYSTEM_POLL_SECONDS = 0.05
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader (`| head`) went away
 
 #: Which task runs a shard of which kind of job.
 TASK_FOR_KIND = {

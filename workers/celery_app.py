@@ -15,11 +15,14 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from shared import constants as C
+from shared.logs import quiet_third_party
 from shared.settings import Settings
 from workers.ml.weights import force_weights_only
 
 # every torch.load in a worker and its torchrun children is weights-only, third-party loaders included
 force_weights_only()
+
+quiet_third_party()  # before kombu connects and any worker opens the DB
 
 
 def make_app(settings: Settings | None = None, sent_events: bool = True, set_as_current: bool = True) -> Celery:

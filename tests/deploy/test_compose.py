@@ -395,9 +395,13 @@ def test_dockerfile_installs_the_project_from_its_pyproject(image):
     for package in ("orchestrator", "workers", "shared"):
         assert re.search(rf"COPY {package} ", "\n".join(f"{w} {a}" for w, a in ins)), package
     runs = "\n".join(arg for word, arg in ins if word == "RUN")
-    assert re.search(r"pip install (--no-deps --force-reinstall )?/src\b", runs)
+    assert re.search(r'pip install (--no-deps --force-reinstall )?"?/src(\[worker\])?"?(\s|$)', runs)
+    if image == "orchestrator":  # the control plane: the base package, no torch
+        assert "/src[" not in runs and "torch" not in runs
+        return
+    assert '"/src[worker]"' in runs
     # torch/torchvision pinned for the optional wheel index must be the pyproject's own bounds.
-    deps = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0]: d for d in pyproject["project"]["dependencies"]}
+    deps = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0]: d for d in pyproject["project"]["optional-dependencies"]["worker"]}
     for name in ("torch", "torchvision"):
         quoted = re.findall(rf'"({name}[<>=][^"]*)"', runs)
         assert quoted and all(q.replace(" ", "") == deps[name].replace(" ", "") for q in quoted), (

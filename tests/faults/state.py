@@ -199,8 +199,8 @@ def fingerprint(settings: Settings, job_id: str) -> Fingerprint:
     with session_scope(settings) as s:
         job = s.get(Job, job_id)
         shards = s.execute(select(Shard.index, Shard.state, Shard.attempts).where(Shard.job_id == job_id)).all()
-        arts = s.execute(select(Artifact.id, Artifact.shard_index, Artifact.uri, Artifact.sha256, Artifact.bytes)
-                         .where(Artifact.job_id == job_id)).all()
+        arts = s.execute(select(Artifact.id, Artifact.shard_index, Artifact.uri, Artifact.sha256, Artifact.bytes,
+                                Artifact.meta).where(Artifact.job_id == job_id)).all()
         items = s.execute(select(Item.pair_id, Item.split, Item.shard_index, Item.artifact_id, Item.position)
                           .where(Item.job_id == job_id)).all()
         metrics = s.execute(select(Metric.name, Metric.value, Metric.step, Metric.item)
@@ -209,9 +209,7 @@ def fingerprint(settings: Settings, job_id: str) -> Fingerprint:
                          {i: st for i, st, _ in shards}, {i: a for i, _, a in shards}, {}, [], {}, len(metrics))
     shard_of_artifact = {}
     recorded: set[Path] = set()
-    for art_id, index, uri, sha, size in arts:
-        shard_of_artifact[art_id] = index
-        fp.artifact_bytes.append(size)
+    for art_id, index, uri, sha, size, meta in arts:
         path = storage.resolve(uri)
         recorded.add(path)
         if not path.is_file():
@@ -219,6 +217,10 @@ def fingerprint(settings: Settings, job_id: str) -> Fingerprint:
             continue
         if sha256_file(path) != sha or path.stat().st_size != size:
             fp.integrity.append(f"shard {index}: {uri} differs from its recorded sha256/size")
+        if (meta or {}).get("preview"):
+            continue  # an invert job's preview pictures (workers/previews.py): checked above, not the shard's result
+        shard_of_artifact[art_id] = index
+        fp.artifact_bytes.append(size)
         fp.artifacts.setdefault(index, []).append(content_hash(path))
     fp.items = sorted((p, sp, sh, shard_of_artifact.get(a), pos) for p, sp, sh, a, pos in items)
     fp.summary = {n: v for n, v, st, it in metrics if st == C.SUMMARY_STEP and it == C.NO_ITEM}

@@ -44,7 +44,10 @@ def test_invert_16_shards_end_to_end(backend, tiny_sd, m3fd_small, tmp_path):
         job = jobs.wait(backend, job_id, timeout=300)
     assert job.state == JobState.SUCCEEDED, job.error
     (state, done, failed), arts, items = _snapshot(backend, job_id)
-    assert (done, failed) == (16, 0) and len(arts) == 16 and len(items) == 20
+    latents = [a for a in arts if a[0].endswith(".safetensors")]
+    previews = [a for a in arts if "/previews/" in a[0]]
+    # one latents file per shard, and the VAE decodes of the first 4 pairs (z_rgb_0, z_rgb_t, z_ir_0, z_ir_t)
+    assert (done, failed) == (16, 0) and len(latents) == 16 and len(previews) == 16 and len(items) == 20
     assert all(a is not None and p is not None for _, a, p in items)
     storage = Storage(backend.storage)
     for uri, sha, size in arts:  # recorded hashes are the bytes on disk
@@ -106,5 +109,6 @@ def test_cancel_then_resume_runs_only_unfinished(embedded, tiny_sd, m3fd_small, 
     assert job.state == "succeeded" and job.shards_done == 8
     with session_scope(embedded) as s:
         attempts = dict(s.execute(select(Shard.index, Shard.attempts).where(Shard.job_id == job_id)).all())
-        n_art = s.execute(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id)).scalar_one()
+        n_art = s.execute(select(func.count()).select_from(Artifact)
+                          .where(Artifact.job_id == job_id, Artifact.kind == "latents")).scalar_one()
     assert attempts[0] == attempts[1] == 1 and n_art == 8

@@ -23,6 +23,7 @@ import pytest
 from orchestrator import jobs, queries
 from orchestrator import report as rp
 from orchestrator import submit as submit_mod
+from orchestrator.report_pictures import RANDOM_MODEL_NOTE
 from shared import constants as C
 from tests.conftest import CI, embedded_settings
 from tests.orchestrator.conftest import invert_args
@@ -177,7 +178,14 @@ def test_invert_report_shows_latents_decodes_timings_and_renders(pipeline, tmp_p
     assert "<script" not in page
     # 3 pairs x (RGB, IR) x (input, z_0, z_t, decode z_0, decode z_t)
     assert page.count('src="data:image/png;base64,') == 3 * 2 * 5
-    assert "VAE decodes skipped" not in page
+    # the decodes are the workers' preview artifacts (no model is loaded here), labelled as a random model's
+    assert "not decoded" not in page
+    assert len(re.findall(r'alt="[^"]* VAE decode of z_rgb_0 \(random model\)"', page)) == 3
+    assert RANDOM_MODEL_NOTE in page
+    # every picture is at least 128 px on the page and enlarges on click (focusable, CSS :focus)
+    tags = re.findall(r"<img [^>]*>", page)
+    assert len(tags) == 30 and all('class="zoom" tabindex="0"' in t for t in tags)
+    assert all(max(int(w), int(h)) >= 128 for t in tags for w, h in re.findall(r'width="(\d+)" height="(\d+)"', t))
     assert "Shard durations per worker" in page and page.count('class="ok"') + page.count('class="slow"') == 4
     assert "Used by" in page and pipeline["train"] in page and pipeline["eval"] in page  # lineage downstream
     shot = tmp_path / "report-invert.png"
@@ -194,12 +202,17 @@ def test_training_and_evaluation_reports(pipeline, tmp_path):
     page = train.read_text()
     loss = queries.metric_history(s, pipeline["train"], "loss")
     assert len(loss) >= 4
-    # the loss curve: one polyline whose points are the logged steps (the metrics section and the picture)
+    # the loss curve, drawn once (under Pictures), with a point per logged step
     curves = re.findall(r'<polyline points="([^"]+)"', page)
-    assert curves and any(len(c.split()) == len(loss) for c in curves)
+    assert [len(c.split()) for c in curves].count(len(loss)) == 1
+    assert page.count("<figcaption>Training loss</figcaption>") == 1 and "loss per step" not in page
     assert "Checkpoints" in page and pipeline["invert"] in page  # lineage: trained on the invert job's latents
+    # the eval job used this job twice (its checkpoint and the job itself): one "Used by" row naming both
+    assert page.count(pipeline["eval"]) == 1
+    row = re.search(rf"<tr><td>{pipeline['eval']}</td>.*?</tr>", page).group(0)
+    assert "translator" in row and "training" in row and "checkpoint" in row and "job " in row
     counts = check_page(train, tmp_path)
-    assert counts["polylines"] >= 2 and counts["images"] == counts["decoded"]
+    assert counts["polylines"] == len(curves) >= 1 and counts["images"] == counts["decoded"]
 
     ev = rp.write_report(s, pipeline["eval"], tmp_path / "eval.html")
     page = ev.read_text()
@@ -220,6 +233,8 @@ def test_ncsn_reports_show_sample_grids_and_fid_table(pipeline, tmp_path):
     fid = rp.write_report(s, pipeline["fid"], tmp_path / "fid.html")
     page = fid.read_text()
     assert "<h3>FID and IS</h3>" in page and "<td>12.5</td>" in page and "8.25 +/- 0.5" in page
+    assert page.count("<td>12.5</td>") == 1  # the FID table only, not the metrics table again
+    assert 'class="warn small-sample"' in page and "FID from 128 images" in page  # 128 generated < 2,000
     assert "mnist-classifier (checkpoint 2)" in page
     assert f"Samples (job {pipeline['sample']})" in page  # grids come from the sample job named in the lineage
     for path in (sample, fid):
@@ -268,3 +283,15 @@ def test_latent_tile_and_ticks():
     assert tile.shape == (8, 10) and tile.dtype == np.uint8 and tile.min() == 0 and tile.max() == 255
     assert rp.nice_ticks(0, 10) == [0, 2, 4, 6, 8, 10]
     assert rp.nice_ticks(0.13, 0.61, 4) == [0.2, 0.4, 0.6]
+
+
+def test_one_point_curves_are_numbers_and_large_fids_carry_no_note():
+    data = rp.ReportData({"id": "eval-x", "kind": C.KIND_EVAL_TRANSLATOR}, [], {"psnr": 21.5},
+                         {"lr": [(0, 0.001)], "grad_norm": [(0, 1.0), (1, 0.5)]}, {}, [], [], [], [])
+    html = rp.section_metrics(data)
+    assert html.count("<svg") == 1 and "grad_norm per step" in html and "lr per step" not in html
+    assert "<h3>Logged once</h3>" in html and "<td>lr</td><td>0</td><td>0.001</td>" in html
+    from orchestrator.report_pictures import fid_table
+
+    assert "small-sample" not in fid_table({"fid": 3.0, "n_real": 10000, "n_fake": 5000})
+    assert "small-sample" in fid_table({"fid": 3.0, "n_real": 10000, "n_fake": 1999})

@@ -141,8 +141,10 @@ def load_sd(model: str, device: str | torch.device = "cpu", dtype: torch.dtype =
     ``local_files_only=True``, moved to ``device``/``dtype``, put in eval mode with gradients disabled.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    diffusers_logging.disable_progress_bar()  # a bar per component in every worker's log says nothing useful
     folder = resolve_model(model)
     device = torch.device(device)
     try:
@@ -252,6 +254,10 @@ def _write_tiny_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
+#: model_index.json key that marks a randomly initialised fixture (diffusers ignores keys starting with "_").
+RANDOM_INIT_KEY = "_orchestrator_random_init"
+
+
 def write_tiny_sd(out: str | Path, seed: int = 0) -> Path:
     """Write a tiny randomly initialised Stable Diffusion (real diffusers/transformers classes) under ``out``.
 
@@ -332,6 +338,17 @@ def write_tiny_sd(out: str | Path, seed: int = 0) -> Path:
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
+        # read by is_random_init: pictures made with this model are labelled as noise by design
+        RANDOM_INIT_KEY: "randomly initialised test fixture (orchestrator fixtures tiny-sd)",
     }
     (out / "model_index.json").write_text(json.dumps(model_index, indent=2))
     return out
+
+
+def is_random_init(model: str) -> bool:
+    """Whether ``model`` is an untrained fixture written by ``write_tiny_sd`` (its decodes mean nothing)."""
+    try:
+        index = json.loads((resolve_model(model) / "model_index.json").read_text())
+    except (OSError, ValueError, UserError):
+        return False
+    return bool(index.get(RANDOM_INIT_KEY))

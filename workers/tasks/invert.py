@@ -41,11 +41,14 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
     from workers.ml.inversion import InversionConfig, inversion_timesteps, invert_pairs
     from workers.ml.m3fd import Pair, load_image_pair
     from workers.ml.prefetch import prefetched
+    from workers.ml.sd import is_random_init
+    from workers.previews import previews_wanted, write_previews
 
     spec = ctx.spec
     cfg = InversionConfig(**spec["inversion"])
     with session_scope(ctx.settings) as s:
         items = [(it.pair_id, it.rgb_path, it.ir_path) for it in shard_items(s, ctx.job_id, ctx.index)]
+        n_previews = previews_wanted(s, ctx.job_id, ctx.index)
     device = pick_device(spec.get("device", "auto"))
     parts, hit = load_sd_cached(spec["model"], device, spec.get("precision", "auto"))
     # 'sample' latents draw noise: seeded per (job seed, shard) so a re-run writes the same bytes
@@ -115,12 +118,16 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
                                         "t": cfg.t_end}, sort_keys=True)}
     key = f"jobs/{ctx.job_id}/latents/shard-{ctx.index:05d}.safetensors"
     stored = ctx.storage.write(key, lambda p: save_file(tensors, str(p), metadata=meta))
+    previews = write_previews(ctx.storage, ctx.job_id, parts, tensors, pair_ids, n_previews,
+                              is_random_init(spec["model"])) if n_previews else []
 
     def record(s: Session) -> None:
         art_id = record_artifact(
             s, ctx.job_id, ctx.index, C.ARTIFACT_LATENTS, stored,
             {"pairs": len(kept), "keys": sorted(tensors), "shape": list(tensors["z_rgb_t"].shape[1:])},
         )
+        for preview, preview_meta in previews:
+            record_artifact(s, ctx.job_id, ctx.index, C.ARTIFACT_IMAGE, preview, preview_meta)
         for pos, pid in enumerate(pair_ids):
             s.execute(
                 update(Item)
