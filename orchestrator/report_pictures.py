@@ -8,7 +8,6 @@ of the sample job it scored.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.report_charts import svg_histogram, svg_lines
@@ -44,9 +43,9 @@ def is_preview(a: dict[str, Any]) -> bool:
 
 def image_artifacts(settings: Settings, artifacts: list[dict[str, Any]], limit: int) -> list[str]:
     """Figures of the job's image artifacts (previews aside: the examples table shows those)."""
-    from shared.storage import Storage
+    from shared.storage import open_storage
 
-    storage = Storage(settings.storage)
+    storage = open_storage(settings)
     out = []
     for a in [a for a in artifacts if a["kind"] == C.ARTIFACT_IMAGE and not is_preview(a)][:limit]:
         meta = a.get("meta") or {}
@@ -75,7 +74,7 @@ def invert_examples(settings: Settings, data: ReportData, n: int = 4, decode: bo
 
     from shared.db import session_scope
     from shared.models import Artifact, Item
-    from shared.storage import Storage
+    from shared.storage import input_path, open_storage
     from workers.ml.m3fd import Pair, load_image_pair
 
     with session_scope(settings) as s:
@@ -85,7 +84,7 @@ def invert_examples(settings: Settings, data: ReportData, n: int = 4, decode: bo
                          .limit(n)).all()
     if not rows:
         return '<p class="muted">No latents recorded yet.</p>'
-    storage = Storage(settings.storage)
+    storage = open_storage(settings)
     z: dict[str, list[torch.Tensor]] = {k: [] for k in ("z_rgb_0", "z_ir_0", "z_rgb_t", "z_ir_t")}
     files: dict[str, Any] = {}
     for _, _, _, pos, uri in rows:
@@ -106,8 +105,8 @@ def invert_examples(settings: Settings, data: ReportData, n: int = 4, decode: bo
     body = []
     for i, (pid, rgb_path, ir_path, _, _) in enumerate(rows):
         try:
-            rgb, ir, _ = load_image_pair(Pair(pid, Path(rgb_path), Path(ir_path)), int(inv.get("size", 512)),
-                                         inv.get("resize_to"))
+            pair = Pair(pid, input_path(rgb_path), input_path(ir_path))
+            rgb, ir, _ = load_image_pair(pair, int(inv.get("size", 512)), inv.get("resize_to"))
             inputs = {"rgb": to_u8((rgb + 1) / 2), "ir": to_u8((ir + 1) / 2)}
         except Exception:
             inputs = {}

@@ -45,6 +45,7 @@ import torch
 
 from shared.errors import UserError
 from shared.paths import check_input_path, not_regular
+from shared.storage import input_path
 
 #: Image suffixes accepted for both modalities (compared lower-case).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -57,7 +58,9 @@ M3FD_CLASSES = ("People", "Car", "Bus", "Motorcycle", "Lamp", "Truck")
 
 @dataclass(frozen=True)
 class Pair:
-    """One registered visible/infrared pair; ``pair_id`` is stable across runs and machines."""
+    """One registered visible/infrared pair; ``pair_id`` is stable across runs and machines.
+
+    ``rgb``/``ir`` are local Paths or, for a dataset in object storage, ``shared.s3.ObjectPath``s."""
 
     pair_id: str
     rgb: Path
@@ -87,7 +90,7 @@ def _images(folder: Path, prefix: str, bad: list[Rejected] | None) -> list[Path]
     or, with ``bad``, is appended there."""
     good = []
     for p in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        why = not_regular(p)
+        why = not_regular(p) if isinstance(p, Path) else None  # an object-storage key is always a plain object
         if why is None:
             good.append(p)
             continue
@@ -128,7 +131,7 @@ def find_pairs(root: str | Path, bad: list[Rejected] | None = None) -> list[Pair
     image entry is not a regular file (unless ``bad`` collects those), or no pair is found.
     """
     check_input_path("--data", str(root))
-    root = Path(root).expanduser()
+    root = input_path(root).expanduser()  # a local folder or s3://bucket/prefix
     if not root.is_dir():
         raise UserError(f"dataset folder '{root}' does not exist: give the path of an M3FD folder")
     vis, ir = _child_dir(root, VIS_DIR), _child_dir(root, IR_DIR)
@@ -161,13 +164,24 @@ def find_pairs(root: str | Path, bad: list[Rejected] | None = None) -> list[Pair
 
 
 def _imread(path: Path) -> np.ndarray:
-    """``cv2.imread(path, IMREAD_UNCHANGED)``, or UserError naming the file when it is missing, empty or corrupt."""
-    why = not_regular(path)  # checked before opening: a FIFO would block the reader forever
-    if why is not None:
-        raise UserError(f"image '{path}' {why}: restore it or remove its pair")
-    if path.stat().st_size == 0:
-        raise UserError(f"image '{path}' is empty (0 bytes): re-copy it or remove its pair")
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    """``cv2.imread(path, IMREAD_UNCHANGED)``, or UserError naming the file when it is missing, empty or corrupt.
+
+    An object-storage image (``ObjectPath``) is fetched with one GET and decoded from memory."""
+    if not isinstance(path, Path):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise UserError(f"image '{path}' does not exist: restore it or remove its pair") from None
+        if not data:
+            raise UserError(f"image '{path}' is empty (0 bytes): re-copy it or remove its pair")
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    else:
+        why = not_regular(path)  # checked before opening: a FIFO would block the reader forever
+        if why is not None:
+            raise UserError(f"image '{path}' {why}: restore it or remove its pair")
+        if path.stat().st_size == 0:
+            raise UserError(f"image '{path}' is empty (0 bytes): re-copy it or remove its pair")
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:  # OpenCV returns None (no exception) for undecodable files
         raise UserError(
             f"image '{path}' cannot be decoded (corrupt or unsupported format): re-copy it or remove its pair"
@@ -177,7 +191,12 @@ def _imread(path: Path) -> np.ndarray:
 
 def check_image(path: str | Path) -> None:
     """Raise UserError naming ``path`` if it is missing, empty (0 bytes) or not decodable by OpenCV."""
-    _imread(Path(path))
+    read_image(path)
+
+
+def read_image(path) -> np.ndarray:
+    """The decoded image (OpenCV's channel order and dtype) of a local path or s3:// location; UserError if bad."""
+    return _imread(path if hasattr(path, "read_bytes") else input_path(path))
 
 
 # -- split -----------------------------------------------------------------------------------------------------------
