@@ -71,13 +71,28 @@ def submit(settings: Settings, kind: str, spec: dict[str, Any], n_shards: int, i
     job_id = create_job(settings, kind, spec, n_shards, items, lineage, rejections)
     try:
         enqueue_shards(settings, job_id, range(n_shards), kind)
-    except Exception as e:
+    except _publish_errors() as e:
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
         _abandon(settings, job_id, f"submission failed while publishing its shards ({why})")
         raise UserError(f"job {job_id} was created but its shards could not be published ({why}); it is cancelled "
                         f"and will not run: publish it with `orchestrator resume {job_id}` once the broker is "
                         "back") from None
     return job_id
+
+
+def _publish_errors() -> tuple[type[BaseException], ...]:
+    """What a failed publish raises: kombu's errors, socket errors, and the Redis client's own (a refused password,
+    a dropped connection). Anything else (a crash, a bug) propagates and leaves the job to `resume` or the reaper."""
+    from kombu.exceptions import KombuError
+
+    errors: tuple[type[BaseException], ...] = (KombuError, OSError, TimeoutError)
+    try:
+        from redis.exceptions import RedisError
+
+        errors += (RedisError,)
+    except ImportError:  # pragma: no cover - redis is a dependency, but only the Redis broker needs it
+        pass
+    return errors
 
 
 def _abandon(settings: Settings, job_id: str, error: str) -> None:

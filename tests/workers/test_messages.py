@@ -26,7 +26,8 @@ def test_malformed_and_pickle_messages(embedded, tiny_sd, m3fd_small, tmp_path):
     app = get_app(s)
     target = jobs.create_job(s, "invert", {"never": "run"}, 1)  # rows only: nothing published for it
     beat = tmp_path / "run" / "heartbeat"
-    with local_workers(s, 1, "gpu,cpu", tmp_path / "logs", env={"ORCH_HEARTBEAT_FILE": str(beat)}):
+    # no reaper: it would publish the rows-only target job once it is 30 s old (a slow run), and run its shard
+    with local_workers(s, 1, "gpu,cpu", tmp_path / "logs", env={"ORCH_HEARTBEAT_FILE": str(beat), "ORCH_REAPER": "0"}):
         bad = [
             {"kwargs": {"job_id": 5, "shard_index": "x"}},
             {"kwargs": {}},
