@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, or_, select, update
 
 from shared.db import ensure_schema, session_scope
 from shared.errors import UserError
@@ -130,6 +130,13 @@ def cancel(settings: Settings, job_id: str) -> str:
             update(Shard)
             .where(Shard.job_id == job_id, Shard.state.in_([ShardState.PENDING, ShardState.QUEUED]))
             .values(state=ShardState.CANCELLED.value)
+        )
+        # a running shard whose worker is already gone (lease expired) will never notice the cancel itself
+        s.execute(
+            update(Shard)
+            .where(Shard.job_id == job_id, Shard.state == ShardState.RUNNING,
+                   or_(Shard.lease_expires_at.is_(None), Shard.lease_expires_at < now))
+            .values(state=ShardState.CANCELLED.value, lease_owner=None, lease_expires_at=None, finished_at=now)
         )
     return JobState.CANCELLED.value
 

@@ -172,12 +172,17 @@ def section_summary(data: ReportData) -> str:
     """What it did: the sentence, state, counts, times and the full spec."""
     j = data.job
     t = shard_timings(data)
-    a, b = _dt(j.get("started_at")), _dt(j.get("finished_at"))
+    c, a, b = _dt(j.get("created_at")), _dt(j.get("started_at")), _dt(j.get("finished_at"))
+    # shard time is the workers' own measure of the work, the figure shard_seconds_total sums; the wall-clock
+    # spans of the shards (with claims, model loading and recording) are in the timeline below
+    busy = data.summary.get("shard_seconds_total")
     facts = [("state", j["state"]), ("shards", f"{j['shards_done']}/{j['shards_total']} done, "
                                                f"{j['shards_failed']} failed"),
              ("created", j.get("created_at")), ("started", j.get("started_at")), ("finished", j.get("finished_at")),
-             ("wall time", fmt_seconds((b - a).total_seconds()) if a and b else "-"),
-             ("shard time (sum)", fmt_seconds(t["busy"]) if t["rows"] else "-")]
+             ("queue wait", fmt_seconds((a - c).total_seconds()) if a and c else "-"),
+             ("run time", fmt_seconds((b - a).total_seconds()) if a and b else "-"),
+             ("shard time (sum)", fmt_seconds(busy) if busy is not None else
+              fmt_seconds(t["busy"]) if t["rows"] else "-")]
     if j.get("error"):
         facts.append(("error", j["error"].splitlines()[0]))
     dl = "".join(f"<dt>{esc(k)}</dt><dd>{esc(fmt(v))}</dd>" for k, v in facts)

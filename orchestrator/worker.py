@@ -48,6 +48,20 @@ def celery_argv(queues: str, name: str, concurrency: int, loglevel: str, pool: s
     return argv
 
 
+def default_queues(gpus: str | None) -> str:
+    """The queues of `orchestrator worker` without --queues.
+
+    Without GPUs: every queue (gpu, train, cpu), so that one worker on a laptop or a CPU box runs every kind of job
+    a user can submit, training included (on CPU, torchrun runs gloo processes). With --gpus: gpu and cpu only. A
+    GPU worker is one process per GPU, each pinned to its GPU, while a training worker is one process that owns all
+    its GPUs for torchrun: one node cannot be both, so training on GPUs needs its own
+    `orchestrator worker --queues train --gpus ...`.
+    """
+    from shared import constants as C
+
+    return ",".join(C.QUEUES) if not gpus else f"{C.QUEUE_GPU},{C.QUEUE_CPU}"
+
+
 def check_queues(queues: str) -> str:
     from shared import constants as C
 
@@ -79,7 +93,7 @@ def plan_workers(queues: str, gpus: str | None = None, processes: int = 1,
 
 
 def run_workers(
-    queues: str,
+    queues: str | None,
     gpus: str | None = None,
     concurrency: int = 1,
     processes: int = 1,
@@ -89,6 +103,7 @@ def run_workers(
     max_memory_per_child: int | None = None,
     max_tasks_per_child: int | None = None,
 ) -> int:
+    queues = queues or default_queues(gpus)
     specs = plan_workers(queues, gpus, processes, hostname)
     queues = check_queues(queues)
     argvs = [celery_argv(queues, n, concurrency, loglevel, pool, max_memory_per_child, max_tasks_per_child)
@@ -107,7 +122,7 @@ def _supervise(argvs: Sequence[list[str]], envs: Sequence[dict[str, str]]) -> in
             if p.poll() is None:
                 p.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):  # each child bounds its own cold shutdown
         signal.signal(sig, forward)
     codes = [p.wait() for p in procs]
     return max(codes, default=0)

@@ -17,7 +17,7 @@ from shared import constants as C
 from shared.db import session_scope
 from shared.models import Job, Shard
 from shared.settings import Settings
-from shared.status import JobState, ShardState
+from shared.status import ShardState
 from workers.bookkeeping import utcnow
 
 #: Messages published per pipeline (Redis) and per DB update of their shards.
@@ -137,9 +137,7 @@ def enqueue_shards(settings: Settings, job_id: str, indices: Sequence[int] | Non
                     .where(Shard.job_id == job_id, Shard.index.in_(chunk), Shard.state == ShardState.PENDING)
                     .values(state=ShardState.QUEUED.value, enqueued_at=now)
                 )
-                if start + PUBLISH_CHUNK >= len(indices):
-                    # only once every message is out: a submitter that dies half-way leaves the job queued with
-                    # pending shards, which the reaper publishes
-                    s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
-                              .values(state=JobState.RUNNING.value))
+                # the job stays `queued` until a worker claims a shard (bookkeeping.claim_shard marks it running): a
+                # job nobody consumes must not look as if it ran. A submitter that dies half-way leaves it queued
+                # with pending shards, which the reaper publishes.
     return len(indices)

@@ -1,7 +1,8 @@
 """The reaper: finds work that nobody will finish and publishes it again.
 
 - a shard whose lease expired (its worker died: kill -9, node loss, OOM) goes back to pending and is re-enqueued;
-  a training run then resumes from its latest recorded checkpoint;
+  a training run then resumes from its latest recorded checkpoint; if its job has ended (cancelled, say), it is
+  marked cancelled instead, so no shard stays `running` for ever;
 - a job left `queued` with pending shards (the orchestrator died between creating the rows and publishing) gets its
   shards published;
 - a shard `queued` for longer than `requeue_after` seconds while its queue is EMPTY lost its message (a broker
@@ -55,6 +56,7 @@ def reap(settings: Settings, stale_queued_seconds: float = STALE_QUEUED_SECONDS,
         if res.rowcount == 1:
             enqueue_shards(settings, job_id, [index])
             reaped.append((job_id, index))
+    _end_dead_shards_of_ended_jobs(settings, now)
     with session_scope(settings) as s:
         orphans = s.execute(
             select(Job.id).where(
@@ -72,6 +74,24 @@ def reap(settings: Settings, stale_queued_seconds: float = STALE_QUEUED_SECONDS,
     return reaped
 
 
+def _end_dead_shards_of_ended_jobs(settings: Settings, now) -> int:
+    """A shard left `running` under an expired lease by a dead worker of a job that has ended (cancelled, or
+    failed by another shard) will never be claimed again: mark it cancelled, so that status, the exporter and the
+    report stop counting it as running. `resume` re-enqueues it like any other cancelled shard."""
+    with session_scope(settings) as s:
+        res = s.execute(
+            update(Shard)
+            .where(Shard.state == ShardState.RUNNING, Shard.lease_expires_at < now,
+                   Shard.job_id.in_(select(Job.id).where(Job.state.in_([JobState.CANCELLED, JobState.FAILED,
+                                                                         JobState.SUCCEEDED]))))
+            .values(state=ShardState.CANCELLED.value, lease_owner=None, lease_expires_at=None, finished_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    if res.rowcount:
+        log.warning("reaper: %d shard(s) of ended jobs left running by dead workers marked cancelled", res.rowcount)
+    return res.rowcount
+
+
 def _republish_lost(settings: Settings, now, requeue_after: float) -> list[tuple[str, int]]:
     from shared import constants as C
 
@@ -80,7 +100,8 @@ def _republish_lost(settings: Settings, now, requeue_after: float) -> list[tuple
         stale = s.execute(
             select(Shard.id, Shard.job_id, Shard.index, Shard.enqueued_at, Job.kind)
             .join(Job, Job.id == Shard.job_id)
-            .where(Shard.state == ShardState.QUEUED, Shard.enqueued_at < cutoff, Job.state == JobState.RUNNING)
+            .where(Shard.state == ShardState.QUEUED, Shard.enqueued_at < cutoff,
+                   Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
             .limit(10000)
         ).all()
     if not stale:

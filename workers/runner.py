@@ -72,7 +72,11 @@ class ShardContext:
             if value is not None:
                 parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
         try:
-            self.task.send_event("task-progress", retry=False, progress=meta, result=" ".join(parts))
+            # name and arguments too: a Flower started after the task's task-received event would otherwise list
+            # it with a null name (Celery's event state merges every field of a custom event into the task)
+            self.task.send_event("task-progress", retry=False, progress=meta, result=" ".join(parts),
+                                 name=self.task.name, args="()",
+                                 kwargs=f"{{'job_id': {self.job_id!r}, 'shard_index': {self.index}}}")
         except Exception as e:  # a broker hiccup costs one progress update, nothing more
             log.debug("progress event of shard %s/%s not sent: %s", self.job_id, self.index, e)
 

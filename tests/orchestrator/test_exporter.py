@@ -123,7 +123,8 @@ def test_exporter_serves_prometheus_text_over_http(embedded):
     q = {dict(k)["queue"]: v for k, v in fams["orch_queue_length"].items()}
     assert q == {"gpu": 3.0, "train": 1.0, "cpu": 0.0}
     jobs_by_state = {dict(k)["state"]: v for k, v in fams["orch_jobs"].items()}
-    assert jobs_by_state["running"] == 2.0 and jobs_by_state["succeeded"] == 0.0 and len(jobs_by_state) == 5
+    # submitted jobs stay queued until a worker starts a shard
+    assert jobs_by_state["queued"] == 2.0 and jobs_by_state["running"] == 0.0 and len(jobs_by_state) == 5
     assert {dict(k)["state"]: v for k, v in fams["orch_shards"].items()} == {"pending": 0.0, "queued": 4.0,
                                                                               "running": 0.0}
     assert {dict(k)["source"]: v for k, v in fams["orch_scrape_error"].items()} == {"broker": 0.0, "db": 0.0}

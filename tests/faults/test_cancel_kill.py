@@ -1,0 +1,45 @@
+"""A cancel, then kill -9 of the node running a shard: the shard must not stay `running` under its dead owner's
+expired lease. The surviving node's reaper marks it cancelled (its job is cancelled); `status` and the exporter
+agree; `resume` then re-runs it and the job succeeds."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from orchestrator import jobs, queries
+from orchestrator.exporter import db_gauges
+from shared.db import session_scope
+from shared.models import Shard
+from shared.status import JobState, ShardState
+from tests.faults import cluster as cl
+from tests.faults.bench import LEASE_SECONDS, shards_in, submit, wait_job, wait_running_on
+from tests.faults.state import SMALL
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
+
+
+def test_cancel_then_kill_leaves_no_shard_running(bench):
+    s = bench.fresh("cancel-kill")
+    with bench.cluster(s, "cancel-kill") as cluster:
+        a, _b = cluster.start(2)
+        job_id = submit(s, bench, SMALL)
+        r = wait_running_on(s, job_id, cluster, a)
+        jobs.cancel(s, job_id)
+        a.kill_node()  # at once: before the shard's once-a-second cancel check can release it
+        # the lease expires after LEASE_SECONDS; the other node's reaper runs every LEASE_SECONDS / 2
+        cl.wait_for(lambda: shards_in(s, job_id, ShardState.RUNNING) == 0, LEASE_SECONDS + 30, 0.2,
+                    "no shard left running")
+        st = queries.job_status(s, job_id)
+        _, gauges = db_gauges(s)
+        assert st["state"] == JobState.CANCELLED
+        assert "running" not in st["shards_by_state"] and st["running"] == []
+        assert gauges["running"] == 0, gauges
+        with session_scope(s) as sess:  # the killed shard ended cancelled, not pending
+            state = sess.execute(select(Shard.state).where(Shard.job_id == job_id,
+                                                           Shard.index == r.index)).scalar_one()
+        assert state == ShardState.CANCELLED
+        # resume picks the cancelled shards up again, the killed one included
+        assert jobs.resume(s, job_id) > 0
+        job = wait_job(s, job_id)
+    assert job.state == JobState.SUCCEEDED, job.error
