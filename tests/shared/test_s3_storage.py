@@ -85,6 +85,7 @@ def test_wrong_secret_or_no_server_is_a_clear_error_without_the_secret(s3_root, 
     with pytest.raises(StorageError, match="cannot write artifact s3://") as e:
         Storage(s3_root, cache_dir=tmp_path / "c1").write_bytes("jobs/j/e.bin", b"x")
     assert "wrong-secret-0123456789" not in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries of a refused connection take minutes
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     with pytest.raises(StorageError, match="cannot write artifact s3://"):
         Storage(s3_root, cache_dir=tmp_path / "c2").write_bytes("jobs/j/e.bin", b"x")
@@ -111,6 +112,7 @@ def test_a_shard_fails_clearly_while_the_server_is_unreachable_and_a_retry_compl
     settings = replace(embedded_settings(tmp_path / "orch"), storage=s3_root)
     settings.ensure_local_folders()
     job_id = create_only(submit_invert, settings, invert_args(m3fd_small, tiny_sd, shards=2))
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries of a refused connection take minutes
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(StorageError):
         run_shard(settings, job_id, 0, invert_work)
