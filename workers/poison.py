@@ -131,4 +131,4 @@ def wrong_task(kind: str, task_name: str | None) -> str | None:
     expected = TASK_FOR_KIND.get(kind)
     if task_name is None or task_name == expected:
         return None
-    return f"{WRONG_TASK}: {task_name!r} cannot run a shard of a {kind} job (its task is {expected!r})"
+    return f"{WRONG_TASK}: {task_name!r} cannot run a shard of a job of kind {kind!r} (its task is {expected!r})"

