@@ -130,3 +130,70 @@ def _install_heartbeat_step(app: Celery) -> None:
 
 
 _install_heartbeat_step(app)
+
+
+#: Seconds a cold shutdown (SIGQUIT, a second Ctrl+C) may take before the worker kills its pool children and exits.
+COLD_SHUTDOWN_SECONDS = 10.0
+
+
+def _kill_pool_children_and_exit(exitcode: int) -> None:
+    """SIGKILL this process's children (the pool) and leave at once, without the pool teardown that can hang.
+
+    Nothing acknowledged is lost: a shard's results are committed before its message is acked, and a shard cut
+    short keeps its lease, which expires so that the reaper (or the redelivered message) runs it again.
+    """
+    import os
+    import pathlib
+    import signal as sig
+
+    me = os.getpid()
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == me:
+                os.kill(int(stat.parent.name), sig.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
+    os._exit(exitcode)
+
+
+def _arm_cold_watchdog(exitcode: int = 1) -> None:
+    import threading
+
+    if getattr(_arm_cold_watchdog, "armed", False):
+        return
+    _arm_cold_watchdog.armed = True  # type: ignore[attr-defined]
+    t = threading.Timer(COLD_SHUTDOWN_SECONDS, _kill_pool_children_and_exit, args=(exitcode,))
+    t.daemon = True
+    t.start()
+
+
+def _on_shutting_down(sender=None, sig=None, how=None, exitcode=None, **_kw) -> None:
+    """Bound every cold shutdown: billiard's pool teardown can wait for ever on a lock a dying child held.
+
+    A cold shutdown (SIGQUIT) arms the watchdog at once. After a warm one (SIGTERM, the first Ctrl+C) the running
+    shard may finish, however long it takes; but Celery has by then made SIGINT and SIGQUIT hard/cold handlers,
+    and a second signal arms the watchdog too.
+    """
+    import signal
+
+    if how == "Cold":
+        _arm_cold_watchdog(int(exitcode or 1))
+        return
+    for s in (signal.SIGINT, signal.SIGQUIT):
+        prev = signal.getsignal(s)
+
+        def chained(signum, frame, prev=prev):
+            _arm_cold_watchdog(1)
+            if callable(prev):
+                prev(signum, frame)
+
+        signal.signal(s, chained)
+
+
+def _install_shutdown_watchdog() -> None:
+    from celery.signals import worker_shutting_down
+
+    worker_shutting_down.connect(_on_shutting_down, weak=False)
+
+
+_install_shutdown_watchdog()

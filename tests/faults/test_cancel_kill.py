@@ -9,26 +9,28 @@ from sqlalchemy import select
 
 from orchestrator import jobs, queries
 from orchestrator.exporter import db_gauges
+from orchestrator.submit import submit_invert
 from shared.db import session_scope
 from shared.models import Shard
 from shared.status import JobState, ShardState
 from tests.faults import cluster as cl
-from tests.faults.bench import LEASE_SECONDS, shards_in, submit, wait_job, wait_running_on
+from tests.faults.bench import LEASE_SECONDS, shards_in, short_lease, wait_job, wait_running_on
 from tests.faults.state import SMALL
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 
-def test_cancel_then_kill_leaves_no_shard_running(bench):
-    s = bench.fresh("cancel-kill")
-    with bench.cluster(s, "cancel-kill") as cluster:
-        a, _b = cluster.start(2)
-        job_id = submit(s, bench, SMALL)
-        r = wait_running_on(s, job_id, cluster, a)
+def test_cancel_then_kill_leaves_no_shard_running(backend, fault_inputs, tmp_path):
+    # real `orchestrator worker` nodes (no fork server: this test needs no fault-free reference either)
+    s = short_lease(backend)
+    with cl.Cluster(s, tmp_path / "logs") as cluster:
+        a, _b = cluster.start(2, warm=False, ready_timeout=400)
+        job_id = submit_invert(s, fault_inputs.args(SMALL))
+        r = wait_running_on(s, job_id, cluster, a, timeout=400)
         jobs.cancel(s, job_id)
         a.kill_node()  # at once: before the shard's once-a-second cancel check can release it
         # the lease expires after LEASE_SECONDS; the other node's reaper runs every LEASE_SECONDS / 2
-        cl.wait_for(lambda: shards_in(s, job_id, ShardState.RUNNING) == 0, LEASE_SECONDS + 30, 0.2,
+        cl.wait_for(lambda: shards_in(s, job_id, ShardState.RUNNING) == 0, LEASE_SECONDS + 60, 0.2,
                     "no shard left running")
         st = queries.job_status(s, job_id)
         _, gauges = db_gauges(s)
@@ -41,5 +43,5 @@ def test_cancel_then_kill_leaves_no_shard_running(bench):
         assert state == ShardState.CANCELLED
         # resume picks the cancelled shards up again, the killed one included
         assert jobs.resume(s, job_id) > 0
-        job = wait_job(s, job_id)
+        job = wait_job(s, job_id, timeout=400)
     assert job.state == JobState.SUCCEEDED, job.error
