@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -312,10 +311,6 @@ def cmd_demo(args, settings: Settings) -> int:
     return run_demo(settings, workers=args.workers, pairs=args.pairs, shards=args.shards, full=not args.invert_only)
 
 
-#: Packages of the [worker] extra: a control-plane install (the base package) lacks them.
-WORKER_PACKAGES = frozenset({"torch", "torchvision", "diffusers", "transformers", "torchmetrics", "torch_fidelity",
-                             "mlxtend"})
-
 #: Modules that add their own subcommands: each has `add_parsers(sub)` and a `COMMANDS` dict {name: fn(args, settings)}.
 EXTENSIONS = ("orchestrator.monitor_cli",)
 
@@ -333,33 +328,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(C.EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("m3fd-orchestrator")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
-
-
-def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Append '(default: X)' to the help of every option with a default, in every subcommand."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for child in action.choices.values():
-                _show_defaults(child)
-        elif (action.option_strings and not any(action.default is x for x in (None, False, argparse.SUPPRESS))
-              and action.help is not argparse.SUPPRESS and "%(default)" not in (action.help or "")):
-            action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from shared.logs import LEVELS
+    from orchestrator.cli_common import add_global_options, show_defaults
 
     p = _Parser(prog="orchestrator", description="Distributed generative-modelling jobs: submit, watch, query.")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LEVELS,
-                   help="level of the orchestrator's own log lines on stderr (workers: `worker --loglevel`)")
+    add_global_options(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_submit_parsers(sub)
 
@@ -434,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--invert-only", action="store_true", help="run only the main invert job")
     for ext in _extensions():
         ext.add_parsers(sub)
-    _show_defaults(p)
+    show_defaults(p)
     return p
 
 
@@ -451,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # usage errors (status 2) and --help (status 0)
         return int(e.code or 0)
+    from orchestrator.cli_common import broken_pipe, missing_worker_package
     from shared.logs import setup
 
     setup(args.log_level)
@@ -475,15 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] not in WORKER_PACKAGES:
-            raise
-        print(f"error: `orchestrator {args.command}` needs the worker packages ({e.name} is not installed): "
-              "pip install 'm3fd-orchestrator[worker]'", file=sys.stderr)
-        return C.EXIT_USAGE
+        return missing_worker_package(e, args.command)
     except BrokenPipeError:
-        # the reader went away (`... | head`): stop quietly, and keep Python's exit-time flush from raising again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return C.EXIT_BROKEN_PIPE
+        return broken_pipe()
 
 
 if __name__ == "__main__":

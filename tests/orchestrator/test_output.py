@@ -137,3 +137,14 @@ def test_control_plane_commands_import_no_torch(recorded):
     res = subprocess.run([sys.executable, "-c", code, recorded["eval"]], capture_output=True, text=True,
                          env=recorded["env"], cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_a_command_missing_the_worker_extra_says_which_in_one_line(capsys):
+    from orchestrator.cli_common import missing_worker_package
+
+    e = ModuleNotFoundError("No module named 'torch'", name="torch")
+    assert missing_worker_package(e, "submit") == C.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'm3fd-orchestrator[worker]'" in err and "torch" in err
+    with pytest.raises(ModuleNotFoundError):  # anything else is a real bug, not a missing extra
+        missing_worker_package(ModuleNotFoundError("x", name="yaml"), "submit")
