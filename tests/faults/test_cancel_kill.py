@@ -30,18 +30,22 @@ def test_cancel_then_kill_leaves_no_shard_running(backend, fault_inputs, tmp_pat
         jobs.cancel(s, job_id)
         a.kill_node()  # at once: before the shard's once-a-second cancel check can release it
         # the lease expires after LEASE_SECONDS; the other node's reaper runs every LEASE_SECONDS / 2
-        cl.wait_for(lambda: shards_in(s, job_id, ShardState.RUNNING) == 0, LEASE_SECONDS + 60, 0.2,
-                    "no shard left running")
+        cl.wait_for(lambda: _state(s, job_id, r.index) != ShardState.RUNNING, LEASE_SECONDS + 60, 0.2,
+                    "the killed shard to leave running")
+        # the other node's shards stop themselves (after loading their model, on a cold node)
+        cl.wait_for(lambda: shards_in(s, job_id, ShardState.RUNNING) == 0, 400, 0.2, "no shard left running")
         st = queries.job_status(s, job_id)
         _, gauges = db_gauges(s)
         assert st["state"] == JobState.CANCELLED
         assert "running" not in st["shards_by_state"] and st["running"] == []
         assert gauges["running"] == 0, gauges
-        with session_scope(s) as sess:  # the killed shard ended cancelled, not pending
-            state = sess.execute(select(Shard.state).where(Shard.job_id == job_id,
-                                                           Shard.index == r.index)).scalar_one()
-        assert state == ShardState.CANCELLED
+        assert _state(s, job_id, r.index) == ShardState.CANCELLED  # cancelled, not pending
         # resume picks the cancelled shards up again, the killed one included
         assert jobs.resume(s, job_id) > 0
         job = wait_job(s, job_id, timeout=400)
     assert job.state == JobState.SUCCEEDED, job.error
+
+
+def _state(s, job_id: str, index: int) -> str:
+    with session_scope(s) as sess:
+        return sess.execute(select(Shard.state).where(Shard.job_id == job_id, Shard.index == index)).scalar_one()
