@@ -136,14 +136,19 @@ def main(argv: list[str] | None = None) -> int:
                 if not pending:
                     jobs.cancel(settings, train_job)  # the run saves a last checkpoint and stops
                     time.sleep(2.0)
-                    for _ in range(120):
-                        if jobs.get_job(settings, train_job).shards_done or _checkpoints(settings, train_job)[-1][2] \
-                                >= mark * 60:
+                    last = cks[-1][1]
+                    for _ in range(300):  # until the stopped run's checkpoint is recorded (or it had one already)
+                        if _checkpoints(settings, train_job)[-1][1] > last or jobs.get_job(
+                                settings, train_job).shards_done:
                             break
                         time.sleep(1.0)
                     cks = _checkpoints(settings, train_job)
-                # the last checkpoint written by the mark (the first one after it when none was: a slow start)
-                cid, step, secs = ([c for c in cks if c[2] <= mark * 60] or cks[:1])[-1]
+                # the last checkpoint written by the mark (the first one after it when none was: a slow start);
+                # (the last mark: the checkpoint the cancel wrote)
+                if pending:
+                    cid, step, secs = ([c for c in cks if c[2] <= mark * 60] or cks[:1])[-1]
+                else:
+                    cid, step, secs = cks[-1]
                 sj = submit.submit_sample(settings, ns(checkpoint=cid, n=args.n, shards=2, batch_size=args.n,
                                                        steps_each=args.steps_each, seed=0))
                 print(f"mark {mark:g} min: checkpoint {cid} (step {step}, {secs:.0f} s) -> sample job {sj}",
