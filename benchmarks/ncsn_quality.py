@@ -1,13 +1,18 @@
-"""NCSN quality on CPU for a fixed budget: classifier-FID and IS of generated digits vs the held-out digits.
+"""NCSN quality on CPU through the job path: a learning curve of classifier-FID and IS against training wall time.
 
-    python -m benchmarks.ncsn_quality                 # ~10 min on 2 CPU cores
-    python -m benchmarks.ncsn_quality --quick         # seconds: checks the code path only
+    python -m benchmarks.ncsn_quality                                  # ncsn preset, 5/10/20/40 min, 500 samples
+    python -m benchmarks.ncsn_quality --preset seed-code               # the same budget for the seed's protocol
+    python -m benchmarks.ncsn_quality --quick                          # a minute or two: checks the code path only
 
-Trains a score network on `mnist:embedded` (the 4,000 train digits) for --steps optimizer steps (single process,
-the same entry point the `train.run` task launches under torchrun), trains the MNIST classifier used as the feature
-extractor, samples --n digits with annealed Langevin dynamics, and prints FID/IS against the 1,000 held-out digits
-next to two references: uniform noise (the floor) and held-out real digits vs train digits (the ceiling).
-These are classifier-feature FIDs: they are NOT comparable to Inception FIDs (such as the seed's 103.49).
+On a throw-away embedded backend with two local worker processes it submits, like a user would,
+`train-classifier` (the feature extractor), `train-ncsn` on the 4,000 embedded training digits, then for every
+wall-time mark (minutes of training since the training job started) `sample --shards 2` from the last checkpoint
+written before the mark and `eval-fid --features mnist-classifier` against the 1,000 held-out digits. A sample job
+for an early mark runs while training continues (the machine has 2 cores: it slows training, and the wall times
+say so). Training is cancelled at the last mark (the run saves a checkpoint and stops). The floor and ceiling rows
+(uniform noise; 500 real training digits) use the same classifier. One JSON record per row is appended to
+benchmarks/results/ncsn_quality.json; --grid writes a 10x10 grid of the last mark's samples, --real-grid one of
+real training digits. Classifier-FIDs are not comparable to Inception FIDs (such as the seed's 103.49).
 """
 
 from __future__ import annotations
@@ -17,74 +22,194 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+from benchmarks._common import backend, machine
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+RESULTS = Path(__file__).parent / "results" / "ncsn_quality.json"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _checkpoints(settings, job_id: str) -> list[tuple[int, int, float]]:
+    """(checkpoint id, step, seconds since the training job started) of a training job, oldest first."""
+    from sqlalchemy import select
+
+    from shared.db import session_scope
+    from shared.models import Checkpoint, Job
+    from workers import bookkeeping as bk
+
+    with session_scope(settings) as s:
+        job = s.get(Job, job_id)
+        if job is None or job.started_at is None:
+            return []
+        t0 = bk.aware(job.started_at)
+        rows = s.execute(select(Checkpoint.id, Checkpoint.step, Checkpoint.created_at)
+                         .where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)).all()
+    return [(cid, step, (bk.aware(at) - t0).total_seconds()) for cid, step, at in rows]
+
+
+def _grid(u8, path: Path) -> None:
+    from workers.tasks.ncsn import digits_grid_png
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(digits_grid_png(u8[:100], ncols=10))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=800, help="NCSN optimizer steps (batch 128)")
-    p.add_argument("--n", type=int, default=1000, help="digits to sample")
-    p.add_argument("--steps-each", type=int, default=30, help="Langevin steps per noise level")
-    p.add_argument("--base-channels", type=int, default=16)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--preset", choices=["ncsn", "seed-code"], default="ncsn")
+    p.add_argument("--minutes", default="5,10,20,40", help="training wall-time marks, comma-separated")
+    p.add_argument("--n", type=int, default=500, help="samples per mark")
+    p.add_argument("--steps-each", type=int, default=None, help="Langevin steps per level (default: the preset's)")
+    p.add_argument("--base-channels", type=int, default=None, help="default: the preset's")
+    p.add_argument("--grid", type=Path, default=None, help="PNG: 10x10 samples of the last mark")
+    p.add_argument("--real-grid", type=Path, default=None, help="PNG: 10x10 real training digits")
+    p.add_argument("--threads", type=int, default=2, help="OMP threads per worker process")
+    p.add_argument("--quick", action="store_true", help="tiny budget: checks the code path only")
     args = p.parse_args(argv)
+    marks = sorted(float(m) for m in args.minutes.split(","))
     if args.quick:
-        args.steps, args.n, args.steps_each, args.base_channels = 4, 20, 2, 8
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        marks, args.n, args.steps_each, args.base_channels = [0.3, 0.6], 20, 2, 8
 
-    from workers.ml.classifier import train_classifier
-    from workers.ml.fid import compute_fid_is, images_to_uint8
+    import numpy as np
+
+    from orchestrator import jobs, submit
+    from orchestrator.demo import local_workers
+    from shared.db import ensure_schema, session_scope
+    from shared.storage import Storage
+    from workers.ml.fid import compute_fid_is
     from workers.ml.mnist import EMBEDDED, load_mnist
-    from workers.ml.score import anneal_langevin, init_noise
-    from workers.train.ncsn import load_score_model
+    from workers.tasks.ncsn import load_classifier_checkpoint, load_sample_arrays
+    from workers.tasks.train import job_of_checkpoint
 
-    run = Path(tempfile.mkdtemp(prefix="ncsn-bench-"))
-    cfg = {"run_dir": str(run), "events": str(run / "events.jsonl"), "data": EMBEDDED, "preset": "ncsn",
-           "epochs": 1000, "max_steps": args.steps, "batch_size": 128, "lr": 1e-3, "base_channels": args.base_channels,
-           "log_every": max(1, args.steps // 10), "checkpoint_every": 0, "device": "cpu"}
-    (run / "config.json").write_text(json.dumps(cfg))
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "workers.train.ncsn", "--config", str(run / "config.json")], check=True,
-                   stdout=subprocess.DEVNULL)
-    train_s = time.perf_counter() - t0
-    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
-    ckpt = [e for e in events if e["event"] == "checkpoint"][-1]["path"]
-    losses = [e["loss"] for e in events if e["event"] == "progress"]
+    ns = argparse.Namespace
+    records: list[dict] = []
+    loads: list[float] = []
+    commit = _commit()
+    print(machine())
+    with backend("embedded") as settings:
+        ensure_schema(settings)
+        env = {"OMP_NUM_THREADS": str(args.threads)}
+        with local_workers(settings, 2, "gpu,train,cpu", settings.home / "logs", env=env):
 
-    model, sigmas, mcfg = load_score_model(ckpt, "cpu")
-    gen = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    x = init_noise((args.n, 1, 28, 28), mcfg["rule"], generator=gen)
-    x = anneal_langevin(lambda a, s: model(a, s), x, sigmas, n_steps_each=args.steps_each,
-                        step_lr=float(mcfg["step_lr"]) * 100 / args.steps_each, rule=mcfg["rule"],
-                        final_denoise=True, clamp=(0.0, 1.0), generator=gen)
-    sample_s = time.perf_counter() - t0
-    fake = images_to_uint8(x, mcfg["data_scale"])
+            def run(fn, a, timeout: float = 3600) -> str:
+                job_id = fn(settings, a)
+                job = jobs.wait(settings, job_id, timeout=timeout)
+                if job.state != "succeeded":
+                    raise RuntimeError(f"{job.kind} {job_id} ended {job.state}: {job.error or ''}")
+                return job_id
 
-    train_x, train_y = load_mnist(EMBEDDED, "train")
-    test_x, _ = load_mnist(EMBEDDED, "test")
-    clf, _ = train_classifier(train_x, train_y, epochs=1 if args.quick else 6, batch_size=64, lr=2e-3, seed=0)
-    noise = np.random.default_rng(0).integers(0, 256, size=(args.n, 28, 28), dtype=np.uint8)
-    splits = 2 if args.quick else 10
-    rows = []
-    for name, imgs in (("NCSN samples", fake), ("uniform noise (floor)", noise),
-                       ("train digits (ceiling)", train_x[: args.n])):
-        r = compute_fid_is(test_x, imgs, features="mnist-classifier", classifier=clf, is_splits=splits, seed=0)
-        rows.append((name, r["fid"], r["is_mean"], r["is_std"]))
-    print(f"NCSN on mnist:embedded, CPU: {args.steps} steps (batch 128, base {args.base_channels}) in {train_s:.0f} s,"
-          f" loss {losses[0]:.1f} -> {losses[-1]:.1f}; {args.n} samples, {args.steps_each} Langevin steps x "
-          f"{len(sigmas)} levels in {sample_s:.0f} s ({args.n / sample_s:.1f} samples/s)")
-    print(f"features: {r['feature_extractor']}; reference: the 1,000 held-out digits")
-    print(f"{'':<24} {'FID':>9} {'IS':>14}")
-    for name, fid, ism, iss in rows:
-        print(f"{name:<24} {fid:>9.2f} {ism:>8.2f} ± {iss:.2f}")
+            from orchestrator.queries import summary_metrics
+
+            t0 = time.perf_counter()
+            clf_job = run(submit.submit_train_classifier, ns(
+                data=EMBEDDED, epochs=1 if args.quick else 6, batch_size=64, lr=2e-3, gpus=1,
+                max_train_samples=None, log_every=50, seed=0))
+            clf_ckpt = int(summary_metrics(settings, clf_job)["final_checkpoint_id"])
+            print(f"classifier: job {clf_job}, checkpoint {clf_ckpt} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+            train_job = submit.submit_train_ncsn(settings, ns(
+                data=EMBEDDED, preset=args.preset, epochs=100000, batch_size=None, lr=None, gpus=1,
+                base_channels=args.base_channels, max_train_samples=None, steps_each=None, amp=False,
+                checkpoint_every=0, max_steps=None, log_every=20, seed=0))
+            print(f"train-ncsn --preset {args.preset}: job {train_job}", flush=True)
+            sample_jobs: list[tuple[float, int, int, float, str]] = []  # (mark, ckpt, step, seconds, job)
+            pending = list(marks)
+            while pending:
+                time.sleep(2.0)
+                loads.append(os.getloadavg()[0])
+                state = jobs.get_job(settings, train_job).state
+                if state in ("failed", "cancelled"):
+                    raise RuntimeError(f"train-ncsn {train_job} ended {state}")
+                cks = _checkpoints(settings, train_job)
+                if not cks or cks[-1][2] < pending[0] * 60:
+                    continue
+                mark = pending.pop(0)
+                if not pending:
+                    jobs.cancel(settings, train_job)  # the run saves a last checkpoint and stops
+                    time.sleep(2.0)
+                    last = cks[-1][1]
+                    for _ in range(300):  # until the stopped run's checkpoint is recorded (or it had one already)
+                        if _checkpoints(settings, train_job)[-1][1] > last or jobs.get_job(
+                                settings, train_job).shards_done:
+                            break
+                        time.sleep(1.0)
+                    cks = _checkpoints(settings, train_job)
+                # the last checkpoint written by the mark (the first one after it when none was: a slow start);
+                # (the last mark: the checkpoint the cancel wrote)
+                if pending:
+                    cid, step, secs = ([c for c in cks if c[2] <= mark * 60] or cks[:1])[-1]
+                else:
+                    cid, step, secs = cks[-1]
+                sj = submit.submit_sample(settings, ns(checkpoint=cid, n=args.n, shards=2, batch_size=args.n,
+                                                       steps_each=args.steps_each, seed=0))
+                print(f"mark {mark:g} min: checkpoint {cid} (step {step}, {secs:.0f} s) -> sample job {sj}",
+                      flush=True)
+                sample_jobs.append((mark, cid, step, secs, sj))
+            train_s = _checkpoints(settings, train_job)[-1][2]
+
+            test_x, _ = load_mnist(EMBEDDED, "test")
+            train_x, _ = load_mnist(EMBEDDED, "train")
+            splits = 2 if args.quick else 10
+            for mark, cid, step, secs, sj in sample_jobs:
+                job = jobs.wait(settings, sj, timeout=3600)
+                if job.state != "succeeded":
+                    raise RuntimeError(f"sample {sj} ended {job.state}: {job.error or ''}")
+                sample_m = summary_metrics(settings, sj)
+                fj = run(submit.submit_eval_fid, ns(samples=sj, reference=EMBEDDED, reference_split="test",
+                                                    n_real=None, features="mnist-classifier", inception_weights=None,
+                                                    classifier=clf_ckpt, is_splits=splits, seed=0))
+                m = summary_metrics(settings, fj)
+                wall = (job.finished_at - job.started_at).total_seconds() if job.started_at else None
+                records.append({"preset": args.preset, "train_minutes": round(secs / 60, 2), "mark_minutes": mark,
+                                "steps": step, "fid": m["fid"], "is_mean": m["is_mean"], "is_std": m["is_std"],
+                                "n_samples": int(m["n_fake"]), "steps_each": job.spec.get("n_steps_each"),
+                                "sample_wall_s": wall, "sample_shard_seconds": sample_m.get("shard_seconds_total"),
+                                "train_job": train_job, "sample_job": sj, "eval_job": fj, "checkpoint": cid})
+                print(f"  {mark:g} min (step {step}): FID {m['fid']:.1f}, IS {m['is_mean']:.2f} ± {m['is_std']:.2f}"
+                      f"; sampling {wall or 0:.0f} s wall", flush=True)
+
+            # floor and ceiling with the same feature extractor (the classifier job's checkpoint)
+            _, uri = job_of_checkpoint(settings, clf_ckpt)
+            storage = Storage(settings.storage)
+            clf = load_classifier_checkpoint(str(storage.resolve(uri)), "cpu")
+            noise = np.random.default_rng(0).integers(0, 256, size=(args.n, 28, 28), dtype=np.uint8)
+            floor = compute_fid_is(test_x, noise, features="mnist-classifier", classifier=clf, is_splits=splits)
+            ceil = compute_fid_is(test_x, train_x[: args.n], features="mnist-classifier", classifier=clf,
+                                  is_splits=splits)
+            with session_scope(settings) as s:
+                fake = load_sample_arrays(s, storage, sample_jobs[-1][4])
+            if args.grid:
+                _grid(fake, args.grid)
+            if args.real_grid:
+                _grid(train_x, args.real_grid)
+
+    load = {"loadavg_mean": round(float(np.mean(loads)), 2) if loads else None,
+            "loadavg_max": round(float(np.max(loads)), 2) if loads else None}
+    for r in records:
+        r.update(fid_real=round(ceil["fid"], 3), is_real=round(ceil["is_mean"], 3), fid_noise=round(floor["fid"], 3),
+                 is_noise=round(floor["is_mean"], 3), commit=commit, cpus=os.cpu_count(), **load)
+    print(f"\n{args.preset}: {train_s / 60:.1f} min of training; load average during the run "
+          f"{load['loadavg_mean']} (max {load['loadavg_max']}) on {os.cpu_count()} CPUs")
+    print(f"{'500 digits vs the 1,000 held-out' if args.n == 500 else 'samples vs held-out':<34} {'FID':>8} {'IS':>12}")
+    for r in records:
+        print(f"{args.preset + ' after ' + str(r['train_minutes']) + ' min (' + str(r['steps']) + ' steps)':<34}"
+              f" {r['fid']:>8.1f} {r['is_mean']:>6.2f} ± {r['is_std']:.2f}")
+    print(f"{'uniform noise (floor)':<34} {floor['fid']:>8.1f} {floor['is_mean']:>6.2f}")
+    print(f"{'train digits (ceiling)':<34} {ceil['fid']:>8.1f} {ceil['is_mean']:>6.2f}")
+    if not args.quick:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+        RESULTS.write_text(json.dumps(old + records, indent=1))
+        print(f"appended {len(records)} records to {RESULTS}")
     return 0
 
 

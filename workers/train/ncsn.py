@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag.install()  # first: a cancel during start-up is honoured at the first step boundary
     cfg, checkpoint = read_config(argv, "Train an NCSN score model on MNIST.", preset_defaults)
     info = setup_distributed(cfg["device"])
+    if cfg.get("num_threads"):  # intra-op threads per rank (the worker's OMP_NUM_THREADS otherwise)
+        torch.set_num_threads(int(cfg["num_threads"]))
 
     images, _ = load_mnist(cfg["data"], "train")  # (N, 28, 28) uint8
     if cfg.get("max_train_samples"):
@@ -97,14 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(int(cfg["seed"]))  # same initial weights on every rank
     model = build_model(cfg).to(info.device)
     optimizer = build_optimizer(cfg, model)
-    ema = EMA(model, float(cfg["ema_decay"])) if cfg.get("ema_decay") else None
+    ema = EMA(model, float(cfg["ema_decay"]), bool(cfg.get("ema_warmup"))) if cfg.get("ema_decay") else None
     trainer = Trainer(
         cfg, info, model, optimizer, stop=stop, checkpoint=checkpoint,
         extra_state={"ema": ema} if ema is not None else {},
         after_step=(lambda: ema.update(model)) if ema is not None else None,
     )
 
+    warmup, base_lr = int(cfg.get("warmup_steps") or 0), float(cfg["lr"])
+
     def step_fn(model: torch.nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        # linear LR warm-up (NCSNv2 / DDPM practice): Adam's first steps at full LR knock a fresh U-Net about
+        if warmup:  # trainer.step counts the steps already taken (restored on resume)
+            for group in optimizer.param_groups:
+                group["lr"] = base_lr * min(1.0, (trainer.step + 1) / warmup)
         # each rank draws its own levels and noise from its own RNG (seeded seed + rank, restored on resume)
         out = dsm_loss(model, x_all[idx.to(info.device)], sigmas)
         return out["loss"], {"loss_seed_units": out["loss_seed_units"]}

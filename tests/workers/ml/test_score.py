@@ -327,6 +327,6 @@ def test_presets_follow_the_reference() -> None:
     )
     copy = get_preset("ncsn")
     copy["lr"] = 1.0
-    assert NCSN_PRESETS["ncsn"]["lr"] == 1e-4
+    assert NCSN_PRESETS["ncsn"]["lr"] == 1e-3
     with pytest.raises(UserError, match="ncsn, seed-code"):
         get_preset("ddpm")
