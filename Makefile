@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast faults lint fmt clean
+.PHONY: venv demo test test-fast faults cluster lint fmt clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ test-fast: $(STAMP)
 
 faults: $(STAMP)
 	$(PY) -m tests.faults.summary
+
+# network-namespace cluster (root): partitions, node loss, latency, multi-node DDP (docs/cluster.md)
+cluster: $(STAMP)
+	$(PY) -m tests.cluster
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

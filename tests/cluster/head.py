@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ class Head:
     host: Host
     folder: Path
     procs: list[subprocess.Popen] = field(default_factory=list)
+    pg_root: Path | None = None
     redis_port: int = 6379
     pg_port: int = 5432
     s3_port: int = 8333
@@ -103,8 +105,10 @@ class Head:
         bindir = pg_bin()
         if bindir is None:
             raise NetnsError("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin)")
-        data = self.folder / "pgdata"
-        self.folder.chmod(0o755)
+        # a folder of its own right under /tmp: the postgres user cannot enter the harness's 0700 work folders
+        self.pg_root = Path(tempfile.mkdtemp(prefix="orch-cluster-pg-"))
+        self.pg_root.chmod(0o755)
+        data = self.pg_root / "pgdata"
         data.mkdir(exist_ok=True)
         shutil.chown(data, "postgres", "postgres")
         data.chmod(0o700)
@@ -114,7 +118,7 @@ class Head:
             raise NetnsError(f"initdb failed: {r.stderr.strip()[-800:]}")
         with open(data / "pg_hba.conf", "a") as hba:  # the bridge's hosts only (nothing else can reach it)
             hba.write(f"host all all {self.host.addr.rsplit('.', 1)[0]}.0/24 trust\n")
-        log = self.folder / "postgres.log"
+        log = self.pg_root / "postgres.log"
         log.touch()
         shutil.chown(log, "postgres", "postgres")
         # unix socket in the data directory: the host's own server keeps /var/run/postgresql to itself
@@ -153,7 +157,10 @@ class Head:
         a = self.host.addr
         proc = self._popen([weed, "server", f"-dir={d}", f"-ip={a}", f"-ip.bind={a}", "-s3",
                             f"-s3.port={self.s3_port}", f"-s3.config={config}", "-master.volumeSizeLimitMB=64",
-                            "-volume.max=16", "-master.port=9333", "-volume.port=8080", "-filer.port=8888"], log)
+                            "-volume.max=16", "-master.port=9333", "-volume.port=8080", "-filer.port=8888",
+                            "-volume.preStopSeconds=0",
+                            # its unix sockets default to fixed names under /tmp, shared by every namespace
+                            f"-filer.localSocket={d / 'filer.sock'}", f"-s3.localSocket={d / 's3.sock'}"], log)
         wait_port(a, self.s3_port, proc, "weed S3", log, timeout=120)
         self._make_bucket()
 
