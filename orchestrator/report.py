@@ -488,7 +488,7 @@ def section_metrics(data: ReportData) -> str:
 def _image_artifacts(settings: Settings, artifacts: list[dict[str, Any]], limit: int) -> list[str]:
     from shared.storage import Storage
 
-    storage = Storage(settings.storage)
+    storage = Storage(settings.storage, settings.home / "cache")
     out = []
     for a in [a for a in artifacts if a["kind"] == C.ARTIFACT_IMAGE][:limit]:
         meta = a.get("meta") or {}
@@ -514,7 +514,7 @@ def invert_examples(settings: Settings, data: ReportData, n: int = 4, decode: bo
 
     from shared.db import session_scope
     from shared.models import Artifact, Item
-    from shared.storage import Storage
+    from shared.storage import Storage, input_path
     from workers.ml.m3fd import Pair, load_image_pair
 
     with session_scope(settings) as s:
@@ -524,7 +524,7 @@ def invert_examples(settings: Settings, data: ReportData, n: int = 4, decode: bo
                          .limit(n)).all()
     if not rows:
         return '<p class="muted">No latents recorded yet.</p>'
-    storage = Storage(settings.storage)
+    storage = Storage(settings.storage, settings.home / "cache")
     z: dict[str, list[torch.Tensor]] = {k: [] for k in ("z_rgb_0", "z_ir_0", "z_rgb_t", "z_ir_t")}
     files: dict[str, Any] = {}
     for _, _, _, pos, uri in rows:
@@ -547,7 +547,8 @@ def invert_examples(settings: Settings, data: ReportData, n: int = 4, decode: bo
     body = []
     for i, (pid, rgb_path, ir_path, _, _) in enumerate(rows):
         try:
-            rgb, ir, _ = load_image_pair(Pair(pid, Path(rgb_path), Path(ir_path)), int(inv.get("size", 512)),
+            pair = Pair(pid, input_path(rgb_path), input_path(ir_path))
+            rgb, ir, _ = load_image_pair(pair, int(inv.get("size", 512)),
                                          inv.get("resize_to"))
             inputs = {"rgb": to_u8((rgb + 1) / 2), "ir": to_u8((ir + 1) / 2)}
         except Exception:

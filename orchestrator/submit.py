@@ -13,10 +13,11 @@ from shared.settings import Settings
 
 
 def submit_invert(settings: Settings, args: Any) -> str:
+    from shared.storage import input_path
     from workers.ml import m3fd, sd
     from workers.ml.inversion import make_config
 
-    data = Path(args.data).expanduser()
+    data = input_path(args.data).expanduser()  # a local folder or s3://bucket/prefix
     pairs = m3fd.find_pairs(data)  # UserError: missing folder, layout, missing IR partner, empty
     skip_bad = bool(getattr(args, "skip_bad", False))
     check_shards(args.shards, len(pairs))

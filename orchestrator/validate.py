@@ -19,9 +19,10 @@ FULL_DECODE_LIMIT = 512
 
 
 def check_image_header(path: Path) -> None:
+    """`path`: a local Path or an object-storage `ObjectPath` (both have stat and open)."""
     try:
         size = path.stat().st_size
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             head = f.read(16)
     except OSError as e:
         raise UserError(f"cannot read image {path}: {e.strerror}; check the file's permissions") from e
@@ -38,21 +39,18 @@ def check_pairs(pairs: list, skip_bad: bool = False) -> tuple[list, list[tuple[s
     Returns (good pairs, [(pair_id, file, reason)] of skipped ones). Without `skip_bad` the first bad file raises
     UserError naming it.
     """
-    import cv2
-
-    from workers.ml.m3fd import check_image
+    from shared.storage import input_path
+    from workers.ml.m3fd import read_image
 
     full = 2 * len(pairs) <= FULL_DECODE_LIMIT
     good, bad = [], []
     for pair in pairs:
         try:
             for path in (pair.rgb, pair.ir):
-                check_image_header(Path(path))
+                check_image_header(path if hasattr(path, "read_bytes") else input_path(path))
             if full:
-                check_image(pair.rgb)
-                check_image(pair.ir)
-                a = cv2.imread(str(pair.rgb), cv2.IMREAD_UNCHANGED).shape[:2]
-                b = cv2.imread(str(pair.ir), cv2.IMREAD_UNCHANGED).shape[:2]
+                a = read_image(pair.rgb).shape[:2]
+                b = read_image(pair.ir).shape[:2]
                 if a != b:
                     raise UserError(f"pair {pair.pair_id}: {pair.rgb} is {a[1]}x{a[0]} but {pair.ir} is {b[1]}x{b[0]}: "
                                     "registered pairs must have the same size (fix them or pass --skip-bad)")

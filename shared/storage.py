@@ -1,6 +1,12 @@
-"""Artifact storage addressed by URI under one root (a local or NFS path now; object storage would slot in here).
+"""Artifact storage addressed by URI under one root: a local/NFS path (the embedded default) or object storage.
 
-Every write goes to a temporary name in the destination folder and is renamed into place (atomic on POSIX), so a
+`Storage(root)` picks the backend from the root's scheme (`storage_scheme`): a path or file:// URI gives this
+module's local backend, `s3://bucket/prefix` the object-storage backend of `shared.s3` (docs/object-storage.md).
+Both offer the same operations: `write`/`write_bytes` (an artifact appears whole or not at all), `resolve` (a
+local file to read a recorded URI from), `scratch` + `adopt` (files a subprocess writes, e.g. training checkpoints,
+recorded afterwards).
+
+Local writes go to a temporary name in the destination folder and are renamed into place (atomic on POSIX), so a
 reader never sees half a file and a crashed writer leaves only a `.tmp-*` file that no DB row points to. Keys and URIs
 are checked to stay inside the root: a key or a URI from the DB cannot reach outside it (path traversal).
 """
@@ -19,6 +25,9 @@ from shared.errors import UserError
 
 CHUNK = 1 << 20
 
+#: Storage schemes this build understands (`storage_scheme` maps a root to one of them).
+SCHEMES = ("file", "s3")
+
 
 @dataclass(frozen=True)
 class StoredFile:
@@ -31,6 +40,42 @@ class StorageError(Exception):
     """A storage operation failed (not writable, full, outside the root)."""
 
 
+def storage_scheme(root: str | Path) -> str:
+    """The scheme of a storage root or input location: "file" (a path or file:// URI) or "s3" (s3://bucket/...).
+
+    The one place schemes are told apart. Raises UserError (one line) for any other scheme, for an s3:// URI
+    without a bucket, and for credentials written into the URI (they would end up in the DB and in logs).
+    """
+    text = str(root)
+    if "://" not in text:
+        return "file"
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        return "file"
+    if scheme in ("s3", "s3a"):
+        if "@" in parts.netloc:
+            raise UserError(f"'{scheme}://...@...' carries credentials in the URI: give s3://bucket/prefix and set "
+                            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the fsspec config) instead")
+        if not parts.netloc:
+            raise UserError(f"'{text}' names no bucket: use s3://BUCKET/PREFIX")
+        return "s3"
+    raise UserError(f"storage scheme '{scheme}://' is not supported: give a local/NFS path, a file:// URI or "
+                    "s3://bucket/prefix")
+
+
+def input_path(location: str | os.PathLike):
+    """An input file or dataset folder: a read-only `shared.s3.ObjectPath` for s3://..., else a local Path."""
+    text = str(location)
+    if storage_scheme(text) == "s3":
+        from shared.s3 import ObjectPath
+
+        return ObjectPath("s3://" + text.split("://", 1)[1])
+    if text.startswith("file://"):
+        return Path(unquote(urlsplit(text).path))
+    return Path(text)
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -39,13 +84,28 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def default_cache_dir() -> Path:
+    """Where object-storage reads are cached and scratch files live: ORCH_HOME/cache (never a shared folder)."""
+    from shared import constants as C
+
+    return Path(os.environ.get("ORCH_HOME") or C.DEFAULT_HOME).expanduser().resolve() / "cache"
+
+
 class Storage:
-    def __init__(self, root: str | Path):
+    """The local backend (and the factory: an s3:// root constructs `shared.s3.S3Storage`)."""
+
+    def __new__(cls, root: str | Path, cache_dir: str | Path | None = None):
+        if cls is Storage and storage_scheme(root) == "s3":
+            from shared.s3 import S3Storage
+
+            return super().__new__(S3Storage)
+        return super().__new__(cls)
+
+    def __init__(self, root: str | Path, cache_dir: str | Path | None = None):
         root = str(root)
+        storage_scheme(root)
         if root.startswith("file://"):
             root = unquote(urlsplit(root).path)
-        elif "://" in root:
-            raise UserError(f"storage '{root}' is not supported: give a local/NFS path or a file:// URI in ORCH_STORAGE")
         self.root = Path(root).expanduser().resolve()
 
     def path(self, key: str) -> Path:
@@ -60,8 +120,14 @@ class Storage:
     def uri(self, key: str) -> str:
         return self.path(key).as_uri()
 
+    def scratch(self, key: str) -> Path:
+        """A local folder for files a subprocess writes under `key` and `adopt` records later (a training run).
+
+        Locally it is the key's own folder inside the root, so adopting a file there records it in place."""
+        return self.path(key)
+
     def resolve(self, uri: str) -> Path:
-        """The local path of a URI recorded in the DB; it must lie inside the root."""
+        """A local file holding a URI recorded in the DB (here: the file itself); it must lie inside the root."""
         parts = urlsplit(uri)
         if parts.scheme != "file":
             raise StorageError(f"artifact URI {uri!r} is not a file:// URI")

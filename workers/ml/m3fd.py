@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from shared.errors import UserError
+from shared.storage import input_path
 
 #: Image suffixes accepted for both modalities (compared lower-case).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -53,7 +54,9 @@ M3FD_CLASSES = ("People", "Car", "Bus", "Motorcycle", "Lamp", "Truck")
 
 @dataclass(frozen=True)
 class Pair:
-    """One registered visible/infrared pair; ``pair_id`` is stable across runs and machines."""
+    """One registered visible/infrared pair; ``pair_id`` is stable across runs and machines.
+
+    ``rgb``/``ir`` are local Paths or, for a dataset in object storage, ``shared.s3.ObjectPath``s."""
 
     pair_id: str
     rgb: Path
@@ -102,7 +105,7 @@ def find_pairs(root: str | Path) -> list[Pair]:
     (``root/<group>/<scene>/{Vis,Ir}``); see the module docstring. Raises UserError (one line) when the folder is
     missing, has neither layout, a visible image lacks its infrared partner, or no pair is found.
     """
-    root = Path(root).expanduser()
+    root = input_path(root).expanduser()  # a local folder or s3://bucket/prefix
     if not root.is_dir():
         raise UserError(f"dataset folder '{root}' does not exist: give the path of an M3FD folder")
     vis, ir = _child_dir(root, VIS_DIR), _child_dir(root, IR_DIR)
@@ -135,12 +138,23 @@ def find_pairs(root: str | Path) -> list[Pair]:
 
 
 def _imread(path: Path) -> np.ndarray:
-    """``cv2.imread(path, IMREAD_UNCHANGED)``, or UserError naming the file when it is missing, empty or corrupt."""
-    if not path.is_file():
-        raise UserError(f"image '{path}' does not exist: restore it or remove its pair")
-    if path.stat().st_size == 0:
-        raise UserError(f"image '{path}' is empty (0 bytes): re-copy it or remove its pair")
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    """``cv2.imread(path, IMREAD_UNCHANGED)``, or UserError naming the file when it is missing, empty or corrupt.
+
+    An object-storage image (``ObjectPath``) is fetched with one GET and decoded from memory."""
+    if not isinstance(path, Path):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise UserError(f"image '{path}' does not exist: restore it or remove its pair") from None
+        if not data:
+            raise UserError(f"image '{path}' is empty (0 bytes): re-copy it or remove its pair")
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    else:
+        if not path.is_file():
+            raise UserError(f"image '{path}' does not exist: restore it or remove its pair")
+        if path.stat().st_size == 0:
+            raise UserError(f"image '{path}' is empty (0 bytes): re-copy it or remove its pair")
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:  # OpenCV returns None (no exception) for undecodable files
         raise UserError(
             f"image '{path}' cannot be decoded (corrupt or unsupported format): re-copy it or remove its pair"
@@ -150,7 +164,12 @@ def _imread(path: Path) -> np.ndarray:
 
 def check_image(path: str | Path) -> None:
     """Raise UserError naming ``path`` if it is missing, empty (0 bytes) or not decodable by OpenCV."""
-    _imread(Path(path))
+    read_image(path)
+
+
+def read_image(path) -> np.ndarray:
+    """The decoded image (OpenCV's channel order and dtype) of a local path or s3:// location; UserError if bad."""
+    return _imread(path if hasattr(path, "read_bytes") else input_path(path))
 
 
 # -- split -----------------------------------------------------------------------------------------------------------

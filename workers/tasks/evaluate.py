@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 from sqlalchemy import func, select
@@ -13,6 +12,7 @@ from sqlalchemy.orm import Session
 from shared import constants as C
 from shared.db import session_scope
 from shared.models import Artifact, Item, Job, Metric
+from shared.storage import input_path
 from workers import bookkeeping as bk
 from workers.device import cached, pick_device
 from workers.recording import record_artifact, record_metrics
@@ -74,7 +74,8 @@ def eval_translator_work(ctx: ShardContext) -> ShardOutput:
         ctx.check()
         batch = rows[start : start + bs]
         z_rgb, z_ir = _latents(ctx, batch)
-        loaded = [load_image_pair(Pair(p, Path(rgb), Path(ir)), cfg.size, cfg.resize_to) for p, rgb, ir, _, _ in batch]
+        loaded = [load_image_pair(Pair(p, input_path(rgb), input_path(ir)), cfg.size, cfg.resize_to)
+                  for p, rgb, ir, _, _ in batch]
         ir01 = torch.stack([x[2] for x in loaded])
         out = evaluate_batch(parts, lambda z: model(z), z_rgb, z_ir, ir01, cfg)
         for j, (pid, *_rest) in enumerate(batch):

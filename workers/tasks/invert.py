@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -13,6 +12,7 @@ from sqlalchemy.orm import Session
 from shared import constants as C
 from shared.errors import UserError
 from shared.models import Item, Job, Rejection, Shard
+from shared.storage import input_path
 from workers import bookkeeping as bk
 from workers.device import cached, pick_device, pick_dtype
 from workers.recording import record_artifact, record_metrics
@@ -61,7 +61,8 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
         ok, loaded, bad = [], [], []
         for pid, rgb_path, ir_path in batch_items:
             try:
-                loaded.append(load_image_pair(Pair(pid, Path(rgb_path), Path(ir_path)), cfg.size, cfg.resize_to))
+                pair = Pair(pid, input_path(rgb_path), input_path(ir_path))
+                loaded.append(load_image_pair(pair, cfg.size, cfg.resize_to))
                 ok.append((pid, rgb_path, ir_path))
             except UserError as e:  # a file that broke after submission (or was never fully decoded there)
                 if not spec.get("skip_bad"):

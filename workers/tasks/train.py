@@ -98,7 +98,9 @@ def record_checkpoint(settings: Settings, storage: Storage, job_id: str, owner: 
 
 
 def train_work(ctx: ShardContext) -> ShardOutput:
-    run_dir = ctx.storage.path(f"jobs/{ctx.job_id}/run")
+    # locally the run folder lies in the storage root; with object storage it is a local scratch folder whose
+    # checkpoints `adopt` uploads as they are reported (and `resolve` downloads the one a resume starts from)
+    run_dir = ctx.storage.scratch(f"jobs/{ctx.job_id}/run")
     run_dir.mkdir(parents=True, exist_ok=True)
     events = run_dir / f"events-attempt{ctx.attempt:03d}.jsonl"
     cfg = build_config(ctx, run_dir, events)
