@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from shared.storage import Storage
 from tests.cluster.scenarios import Context, Result
 from tests.faults import cluster as cl
 
@@ -48,15 +49,15 @@ class Agent:
     """One torchrun agent in a node's namespace."""
 
     def __init__(self, ctx: Context, role: str, attempt: int, run_id: str, endpoint: str,
-                 resume_from: Path | None):
+                 resume_from: str | None):
         h = ctx.h
         self.role = role
         self.folder = h.private(role) / "ddp" / f"attempt{attempt}"
         self.folder.mkdir(parents=True, exist_ok=True)
         local_resume = None
         if resume_from is not None:  # fetched from object storage into the node's own folder
-            local_resume = self.folder / resume_from.name
-            local_resume.write_bytes(resume_from.read_bytes())
+            local_resume = self.folder / resume_from.rsplit("/", 1)[-1]
+            local_resume.write_bytes(Storage(h.settings.storage).read_bytes(resume_from))
         self.events = self.folder / "events.jsonl"
         cfg = {**TRAIN, "run_dir": str(self.folder / "run"), "events": str(self.events),
                "resume_from": str(local_resume) if local_resume else None}
@@ -80,19 +81,19 @@ class Agent:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def _store(ctx: Context, agents: list[Agent], stored: dict[int, Path]) -> None:
-    """Copy new checkpoints (rank 0's events) into object storage, checking each against its recorded sha256."""
-    objects = ctx.h.root / "objects" / "ddp"
-    objects.mkdir(parents=True, exist_ok=True)
+def _store(ctx: Context, agents: list[Agent], stored: dict[int, str]) -> None:
+    """Upload new checkpoints (rank 0's events) to object storage, checking each against its recorded sha256."""
+    storage = Storage(ctx.h.settings.storage)
     for a in agents:
         for e in a.ev():
             if e.get("event") == "checkpoint" and e["step"] not in stored:
                 src = Path(e["path"])
                 if _sha(src) != e["sha256"]:
                     raise AssertionError(f"checkpoint {src} differs from its recorded sha256")
-                dst = objects / f"step-{e['step']:08d}.pt"
-                dst.write_bytes(src.read_bytes())
-                stored[e["step"]] = dst
+                obj = storage.write_bytes(f"ddp/step-{e['step']:08d}.pt", src.read_bytes())
+                if obj.sha256 != e["sha256"]:
+                    raise AssertionError(f"stored checkpoint {obj.uri} differs from {src}")
+                stored[e["step"]] = obj.uri
 
 
 def multinode_ddp(ctx: Context, a: str = "w1", b: str = "w3", spare: str = "w2") -> Result:
@@ -101,7 +102,7 @@ def multinode_ddp(ctx: Context, a: str = "w1", b: str = "w3", spare: str = "w2")
     res.notes.append("launched by the harness (as srun / an Indexed Job would), not through the queue: the job "
                      "system runs a training shard on one node only")
     endpoint = h.fabric.hosts[a].addr
-    stored: dict[int, Path] = {}
+    stored: dict[int, str] = {}
     t0 = time.monotonic()
     first = [Agent(ctx, a, 1, "ddp-run-1", endpoint, None), Agent(ctx, b, 1, "ddp-run-1", endpoint, None)]
     try:

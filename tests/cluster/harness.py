@@ -60,7 +60,8 @@ class Harness:
         t0 = time.monotonic()
         try:
             # the fork server starts here, in the host namespace: each node it forks moves into its own
-            self.zygote = zygote or cl.start_zygote(self.root / "zygote")
+            # (a generous start-up bound: its imports take minutes when the machine's cores are busy)
+            self.zygote = zygote or Zygote(self.root / "zygote", cl.base_env(), cl.REPO, timeout=900)
             self._own_zygote = zygote is None
             roles = [("head", 1), ("ctl", 2)] + [(r, 11 + i) for i, r in enumerate(self.roles)]
             self.fabric.build(roles)
@@ -69,12 +70,13 @@ class Harness:
             self.head.start()
             for role in self.roles:
                 self._ns_role[os.stat(f"/run/netns/{self.fabric.hosts[role].name}").st_ino] = role
-            storage = self._storage or str(self.root / "objects")  # replaced by s3:// once storage supports it
+            storage = self._storage or "s3://orch/cluster"
             self.settings = Settings(home=self.root / "ctl-home", broker_url=self.head.broker_url,
                                      database_url=self.head.database_url, storage=storage,
                                      lease_seconds=self.lease_seconds)
-            for k, v in self.head.s3_env().items():
-                os.environ[k] = v  # the harness's own S3 client (fsspec reads the standard variables)
+            # the harness's own S3 client reads the standard variables; its read cache lives under ORCH_HOME
+            self._saved_env = {k: os.environ.get(k) for k in (*self.head.s3_env(), "ORCH_HOME")}
+            os.environ.update({**self.head.s3_env(), "ORCH_HOME": str(self.settings.home)})
             upgrade(self.settings.database_url)  # `orchestrator db upgrade` against the head node
             for role in self.roles:
                 self.start_worker(role, wait=False)
@@ -94,8 +96,11 @@ class Harness:
             if self.zygote is not None and getattr(self, "_own_zygote", False):
                 self.zygote.close()
             self.nodes.clear()
-            for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-                os.environ.pop(k, None)
+            for k, v in getattr(self, "_saved_env", {}).items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
             cleanup_folder(self.root / "head")
             if self.head is not None and self.head.pg_root is not None:
                 cleanup_folder(self.head.pg_root)
@@ -161,6 +166,7 @@ class ShardWatch:
     def __init__(self, harness: Harness, job_id: str, poll: float = 0.05):
         self.h, self.job_id, self.poll = harness, job_id, poll
         self.runs: dict[int, list[tuple[str, str | None]]] = {}  # index -> [(owner, role)]
+        self.current: dict[int, str | None] = {}  # shards running at the last sample -> node
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cluster-watch", daemon=True)
 
@@ -172,13 +178,17 @@ class ShardWatch:
                 pass  # a failed poll is retried at the next one
 
     def sample(self) -> None:
+        current = {}
         for r in cl.running_shards(self.h.settings, self.job_id):
             seen = self.runs.setdefault(r.index, [])
             if not seen or seen[-1][0] != r.owner:
                 seen.append((r.owner, self.h.role_of_pid(r.pid)))
+            current[r.index] = seen[-1][1]
+        self.current = current
 
-    def running_on(self, role: str) -> list[int]:
-        return [i for i, seen in self.runs.items() if seen and seen[-1][1] == role]
+    def running_on(self, role: str) -> tuple[int, ...]:
+        """Shards running on `role` right now (a tuple: shard 0 must not read as "none")."""
+        return tuple(i for i, r in self.current.items() if r == role)
 
     def completers(self) -> dict[int, str | None]:
         """Shard -> node that recorded its completion (the owner pid in the result, mapped through the owners

@@ -85,16 +85,27 @@ def _conclude(ctx: Context, res: Result, job_id: str, plan: Plan = PLAN) -> Resu
     res.checks["no shard lost"] = v.lost == 0
     res.checks["nothing recorded twice"] = v.duplicated == 0
     res.checks["end state equals the fault-free run"] = v.equal
-    res.checks["every node still private (no artifact in a node's folders)"] = not _node_artifacts(ctx)
+    uris, stray = _objects(ctx, job_id)
+    res.checks["every artifact is an object in S3 (nodes share no files)"] = bool(uris) and all(
+        u.startswith("s3://") for u in uris)
+    res.checks["no stray object under the job's prefix (no late write left bytes behind)"] = not stray
+    res.notes += [f"stray object {o}" for o in stray]
     return res
 
 
-def _node_artifacts(ctx: Context) -> list[str]:
-    """Artifacts found in a worker's private folders: there must be none, they travel only through storage."""
-    found = []
-    for role in ctx.h.roles:
-        found += [str(p) for p in ctx.h.private(role).rglob("*.safetensors")]
-    return found
+def _objects(ctx: Context, job_id: str) -> tuple[list[str], list[str]]:
+    """The job's recorded artifact URIs, and the objects under its prefix that no artifact row points to."""
+    from shared.models import Artifact
+    from shared.storage import Storage
+
+    with session_scope(ctx.h.settings) as s:
+        uris = list(s.execute(select(Artifact.uri).where(Artifact.job_id == job_id)).scalars())
+    storage = Storage(ctx.h.settings.storage)
+    if not ctx.h.settings.storage.startswith("s3://"):
+        return uris, []
+    prefix = f"{storage.bucket}/{storage.prefix}/jobs/{job_id}".replace("//", "/")
+    found = {f"s3://{k}" for k in storage.fs.find(prefix)}
+    return uris, sorted(found - set(uris))
 
 
 def _per_node(completers: dict[int, str | None]) -> str:
@@ -136,7 +147,7 @@ def partition(ctx: Context, role: str = "w1") -> Result:
     node = h.nodes[role]
     job_id = _submit(ctx)
     with ShardWatch(h, job_id, poll=0.02) as watch:
-        index = cl.wait_for(lambda: next(iter(watch.running_on(role)), None), 120, 0.02, f"a shard on {role}")
+        (index, *_) = cl.wait_for(lambda: watch.running_on(role), 120, 0.02, f"a shard on {role}")
         owner = watch.runs[index][-1][0]
         t_cut = time.monotonic()
         h.fabric.link(role, up=False)
@@ -187,7 +198,7 @@ def node_loss(ctx: Context, role: str = "w2") -> Result:
     res = Result("whole-node loss", f"SIGKILL of every process in {role}'s namespace mid-shard")
     job_id = _submit(ctx)
     with ShardWatch(h, job_id, poll=0.02) as watch:
-        index = cl.wait_for(lambda: next(iter(watch.running_on(role)), None), 120, 0.02, f"a shard on {role}")
+        (index, *_) = cl.wait_for(lambda: watch.running_on(role), 120, 0.02, f"a shard on {role}")
         t_kill = time.monotonic()
         killed = h.kill_node(role)
         cl.wait_for(lambda: cl.shard_row(h.settings, job_id, index)[0] == "done", 180, 0.1,

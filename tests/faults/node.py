@@ -186,7 +186,7 @@ class ForkedProcess:
 class Zygote:
     """The fork server, started once (it pays the imports) and stopped with `close()`."""
 
-    def __init__(self, folder: Path, env: dict[str, str], cwd: Path):
+    def __init__(self, folder: Path, env: dict[str, str], cwd: Path, timeout: float = 180.0):
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "zygote.sock"
         self.path.unlink(missing_ok=True)
@@ -195,7 +195,7 @@ class Zygote:
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen([sys.executable, "-m", "tests.faults.node", "--serve", str(self.path)],
                                          env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + timeout
         while not self.path.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.close()
