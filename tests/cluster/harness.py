@@ -126,6 +126,10 @@ class Harness:
     def start_worker(self, role: str, wait: bool = True) -> cl.Node:
         log = self.root / "logs" / f"{role}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while log.exists():  # a replacement node: a log (and exit file) of its own
+            n += 1
+            log = self.root / "logs" / f"{role}-{n}.log"
         proc = self.zygote.spawn("gpu,cpu", f"{role}@%h", self.worker_env(role), log,
                                  netns=self.fabric.hosts[role].name)
         node = cl.Node(role, proc, log)

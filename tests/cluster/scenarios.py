@@ -171,6 +171,8 @@ def partition(ctx: Context, role: str = "w1") -> Result:
     finished_re = re.compile(rf"Task invert\.shard\[{task}\] (succeeded|retry|raised)[^\n]*")
     line = cl.wait_for(lambda: finished_re.search(node.text()), 180, 0.5, f"{role}'s late end of shard {index}")
     late = line.group(0)
+    res.faults = (f"{role} link down mid-shard for {down:.0f} s (lease {h.lease_seconds:.0f} s; up again once "
+                  "another node finished the shard)")
     res.figures["partition length"] = f"{down:.1f} s"
     res.figures["time to take the shard over"] = f"{t_taken:.1f} s after the cut"
     res.figures["time to recover (shard done elsewhere)"] = f"{t_done:.1f} s after the cut"
