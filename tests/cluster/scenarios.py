@@ -25,7 +25,7 @@ from tests.faults.state import Inputs, Plan, References, compare, fingerprint
 
 #: The job of every invert scenario: 16 shards of 2 synthetic pairs, 64 px, the tiny SD model.
 PLAN = Plan(pairs=32, shards=16)
-JOB_TIMEOUT = 300.0
+JOB_TIMEOUT = 600.0
 
 
 @dataclass
@@ -203,7 +203,7 @@ def node_loss(ctx: Context, role: str = "w2") -> Result:
         (index, *_) = cl.wait_for(lambda: watch.running_on(role), 120, 0.02, f"a shard on {role}")
         t_kill = time.monotonic()
         killed = h.kill_node(role)
-        cl.wait_for(lambda: cl.shard_row(h.settings, job_id, index)[0] == "done", 180, 0.1,
+        cl.wait_for(lambda: cl.shard_row(h.settings, job_id, index)[0] == "done", 600, 0.1,
                     f"shard {index} done elsewhere")
         t_rec = time.monotonic() - t_kill
         _wait(ctx, job_id)
