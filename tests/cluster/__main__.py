@@ -14,16 +14,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.cluster.run import SCENARIOS, Session, table
+from tests.cluster.run import DEFAULT, Session, table
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.cluster", description=__doc__.splitlines()[0])
     p.add_argument("scenarios", nargs="*", default=[], metavar="SCENARIO",
-                   help=f"scenarios to run (default all: {', '.join(SCENARIOS)})")
+                   help=f"scenarios to run (default: {', '.join(DEFAULT)}; also: ddp)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs) after the run")
     args = p.parse_args(argv)
-    names = args.scenarios or list(SCENARIOS)
+    names = args.scenarios or list(DEFAULT)
     root = Path(tempfile.mkdtemp(prefix="orch-cluster-"))
     t0 = time.monotonic()
     results = []

@@ -66,7 +66,8 @@ class Agent:
         host = h.fabric.hosts[role]
         argv = host.exec(sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                          "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}:{RDZV_PORT}", f"--rdzv-id={run_id}",
-                         f"--local-addr={host.addr}", "--max-restarts=0", "-m", "workers.train.ncsn",
+                         f"--local-addr={host.addr}", f"--rdzv-conf=is_host={int(host.addr == endpoint)}",
+                         "--max-restarts=0", "-m", "workers.train.ncsn",
                          "--config", str(config))
         env = {**h.worker_env(role), "GLOO_SOCKET_IFNAME": "eth0", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"}
         self.log = self.folder / "torchrun.log"

@@ -26,6 +26,8 @@ def _ddp(ctx: sc.Context) -> sc.Result:
 
 
 SCENARIOS["ddp"] = _ddp
+#: Run by default (`make cluster`): "ddp" runs only when named, see docs/cluster.md (not yet passing).
+DEFAULT = ("spread", "partition", "node-loss", "netem")
 
 
 class Session:
