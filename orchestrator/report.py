@@ -486,9 +486,9 @@ def section_metrics(data: ReportData) -> str:
 
 
 def _image_artifacts(settings: Settings, artifacts: list[dict[str, Any]], limit: int) -> list[str]:
-    from shared.storage import Storage
+    from shared.storage import open_storage
 
-    storage = Storage(settings.storage, settings.home / "cache")
+    storage = open_storage(settings)
     out = []
     for a in [a for a in artifacts if a["kind"] == C.ARTIFACT_IMAGE][:limit]:
         meta = a.get("meta") or {}
@@ -514,7 +514,7 @@ def invert_examples(settings: Settings, data: ReportData, n: int = 4, decode: bo
 
     from shared.db import session_scope
     from shared.models import Artifact, Item
-    from shared.storage import Storage, input_path
+    from shared.storage import input_path, open_storage
     from workers.ml.m3fd import Pair, load_image_pair
 
     with session_scope(settings) as s:
@@ -524,7 +524,7 @@ def invert_examples(settings: Settings, data: ReportData, n: int = 4, decode: bo
                          .limit(n)).all()
     if not rows:
         return '<p class="muted">No latents recorded yet.</p>'
-    storage = Storage(settings.storage, settings.home / "cache")
+    storage = open_storage(settings)
     z: dict[str, list[torch.Tensor]] = {k: [] for k in ("z_rgb_0", "z_ir_0", "z_rgb_t", "z_ir_t")}
     files: dict[str, Any] = {}
     for _, _, _, pos, uri in rows:

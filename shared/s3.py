@@ -39,7 +39,7 @@ HASH_IN_KEY = 16
 
 #: Variables that choose the endpoint and identity: a filesystem is made per process and per their values.
 _ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-        "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION")
+        "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
 _filesystems: dict[tuple, Any] = {}
 
 

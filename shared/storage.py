@@ -84,11 +84,20 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def default_cache_dir() -> Path:
-    """Where object-storage reads are cached and scratch files live: ORCH_HOME/cache (never a shared folder)."""
+def default_cache_dir(home: str | Path | None = None) -> Path:
+    """Where object-storage reads are cached and scratch files live: ORCH_CACHE, else HOME/cache (ORCH_HOME's).
+
+    A node's own disk, never a shared folder: with object storage nothing else is shared between nodes."""
     from shared import constants as C
 
-    return Path(os.environ.get("ORCH_HOME") or C.DEFAULT_HOME).expanduser().resolve() / "cache"
+    if os.environ.get("ORCH_CACHE"):
+        return Path(os.environ["ORCH_CACHE"]).expanduser().resolve()
+    return Path(home or os.environ.get("ORCH_HOME") or C.DEFAULT_HOME).expanduser().resolve() / "cache"
+
+
+def open_storage(settings) -> Storage:
+    """The storage of `settings` (its root; the cache under its home unless ORCH_CACHE says otherwise)."""
+    return Storage(settings.storage, default_cache_dir(settings.home))
 
 
 class Storage:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from shared.errors import UserError
 from shared.settings import Settings
-from shared.storage import Storage, StorageError
+from shared.storage import Storage, StorageError, open_storage
 from workers import bookkeeping as bk
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def run_shard(
     if not claim.ok:
         log.info("shard %s/%s skipped: %s", job_id, index, claim.reason)
         return {"job_id": job_id, "shard": index, "skipped": claim.reason}
-    storage = Storage(settings.storage, settings.home / "cache")
+    storage = open_storage(settings)
     try:
         with bk.Heartbeat(settings, claim.shard_id, job_id, owner) as hb:
             ctx = ShardContext(settings, storage, job_id, index, claim.kind, claim.spec, claim.attempt, owner, hb, task)

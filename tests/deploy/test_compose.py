@@ -606,3 +606,36 @@ def test_entrypoint_is_posix_sh_and_shellcheck_clean():
     shellcheck = required_tool("shellcheck", SHELLCHECK_HINT)
     out = subprocess.run([shellcheck, "-s", "sh", str(ENTRYPOINT)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
+
+
+# -- object storage override ----------------------------------------------------------------------------------------
+
+S3_OVERRIDE = ROOT / "deploy" / "compose.s3.yml"
+S3_ENV = {"S3_ACCESS_KEY": "orch", "S3_SECRET_KEY": "gh78"}
+
+
+def test_object_storage_override_matches_the_spec_and_requires_its_key_pair():
+    doc = yaml.safe_load(S3_OVERRIDE.read_text())
+    validator = _compose_validator()
+    assert _errors(validator, doc) == [] and _errors(validator, interpolate(doc, S3_ENV)) == []
+    for name in S3_ENV:
+        with pytest.raises(MissingVariable):
+            interpolate(doc, {k: v for k, v in S3_ENV.items() if k != name})
+    done = interpolate(doc, S3_ENV)
+    for name in (*WORKERS, "cli"):  # every service that reads or writes artifacts
+        env = done["services"][name]["environment"]
+        assert env["ORCH_STORAGE"].startswith("s3://") and env["AWS_SECRET_ACCESS_KEY"] == "gh78", name
+        assert "gh78" not in env["ORCH_STORAGE"] and env["AWS_ENDPOINT_URL"] == "http://seaweedfs:8333"
+        assert done["services"][name]["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
+        assert name in _load()["services"], f"{name} overrides a service docker-compose.yml lacks"
+    assert "healthcheck" in done["services"]["seaweedfs"]
+
+
+def test_docker_compose_config_accepts_the_object_storage_override(tmp_path):
+    docker = tool("docker")
+    if not docker or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("no docker compose plugin here")
+    ok = subprocess.run([docker, "compose", "-f", str(COMPOSE), "-f", str(S3_OVERRIDE), "--profile", "train",
+                         "config", "--quiet"], cwd=tmp_path, env={**os.environ, **FULL_ENV, **S3_ENV},
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr

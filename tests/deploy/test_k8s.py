@@ -32,7 +32,7 @@ K8S = ROOT / "deploy" / "k8s"
 #: Oldest Kubernetes these manifests target (Indexed Jobs, pod failure handling, KEDA 2.x all need >= 1.27).
 K8S_VERSIONS = ("1.29.0", "latest")
 SECRET_NAME = "orch-secrets"
-CREDENTIAL = re.compile(r"PASSWORD|AUTH|SECRET|TOKEN")
+CREDENTIAL = re.compile(r"PASSWORD|AUTH|SECRET|TOKEN|ACCESS_KEY")
 #: uid of the `orch` user in both Dockerfiles.
 IMAGE_UID = 10001
 

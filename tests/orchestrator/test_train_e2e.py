@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 from sqlalchemy import select
@@ -16,7 +17,7 @@ from orchestrator.demo import local_workers
 from orchestrator.submit import submit_train_translator
 from shared import constants as C
 from shared.db import session_scope
-from shared.models import Checkpoint, Shard
+from shared.models import Artifact, Checkpoint, Shard
 from shared.storage import Storage
 from tests.orchestrator.conftest import run_invert_inline
 from workers.dispatch import get_app
@@ -47,27 +48,39 @@ def checkpoints(settings, job_id):
                          .order_by(Checkpoint.step)).all()
 
 
-def events(settings, job_id):
-    run = Storage(settings.storage).path(f"jobs/{job_id}/run")
+def events(settings, job_id, caches=()):
+    """Event files of every attempt: in the run folder of a local root, else in each node's scratch (`caches`)."""
+    key = f"jobs/{job_id}/run"
+    runs = [c / "scratch" / key for c in caches] if caches else [Storage(settings.storage).path(key)]
     out = {}
-    for f in sorted(run.glob("events-attempt*.jsonl")):
+    for f in sorted((f for run in runs for f in run.glob("events-attempt*.jsonl")), key=lambda f: f.name):
         out[f.name] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     return out
 
 
-def test_kill9_worker_node_resumes_from_last_checkpoint(fast_lease, tiny_sd, m3fd_small, tmp_path):
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_kill9_worker_node_resumes_from_last_checkpoint(fast_lease, tiny_sd, m3fd_small, tmp_path, storage,
+                                                        request):
+    """With s3:// storage the two workers are two "nodes": each its own cache and scratch (ORCH_CACHE), so the
+    second one can only resume from the checkpoint the first one uploaded."""
     s = fast_lease
+    nodes: list = []
+    if storage == "s3":
+        s = replace(s, storage=request.getfixturevalue("s3_root"))
+        nodes = [tmp_path / "node1", tmp_path / "node2"]
     inv = run_invert_inline(s, m3fd_small, tiny_sd)
     job_id = submit_train_translator(s, train_args(inv))
-    with local_workers(s, 1, "train,cpu", tmp_path / "logs1") as procs:
+    env1 = {"ORCH_CACHE": str(nodes[0])} if nodes else None
+    with local_workers(s, 1, "train,cpu", tmp_path / "logs1", env=env1) as procs:
         wait_for(lambda: any(step >= 16 for step, _ in checkpoints(s, job_id)))
         os.killpg(procs[0].pid, signal.SIGKILL)  # the whole node: celery main, pool child, torchrun, ranks
         procs[0].wait()
     before = max(step for step, _ in checkpoints(s, job_id))
-    with local_workers(s, 1, "train,cpu", tmp_path / "logs2"):
+    env2 = {"ORCH_CACHE": str(nodes[1])} if nodes else None
+    with local_workers(s, 1, "train,cpu", tmp_path / "logs2", env=env2):
         job = jobs.wait(s, job_id, timeout=300)
     assert job.state == "succeeded", job.error
-    ev = events(s, job_id)
+    ev = events(s, job_id, nodes)
     assert len(ev) == 2, list(ev)  # two attempts, never concurrent
     first, second = ev.values()
     start2 = next(e for e in second if e["event"] == "start")
@@ -81,6 +94,17 @@ def test_kill9_worker_node_resumes_from_last_checkpoint(fast_lease, tiny_sd, m3f
     assert m["steps"] == total and m["world_size"] == 2
     rows = queries.results(s, job_id)
     assert rows and all(r["sha256"] for r in rows)
+    if nodes:  # every checkpoint row names an object whose bytes hash to the recorded sha256
+        assert start2["resumed_from"].startswith(str(nodes[1]))
+        import hashlib
+
+        fs = request.getfixturevalue("s3_server").client()
+        with session_scope(s) as ss:
+            arts = ss.execute(select(Artifact.uri, Artifact.sha256).join(Checkpoint, Checkpoint.artifact_id
+                                                                         == Artifact.id)
+                              .where(Checkpoint.job_id == job_id)).all()
+        assert arts and all(u.startswith(s.storage) and hashlib.sha256(fs.cat_file(u)).hexdigest() == h
+                            for u, h in arts)
 
 
 def test_cancel_then_resume_and_duplicate_delivery(fast_lease, tiny_sd, m3fd_small, tmp_path):

@@ -76,3 +76,57 @@ def test_object_inputs_list_and_read_like_folders(s3_server, s3_root, m3fd_small
     assert str(remote[0].rgb) == f"s3://{dest}/Vis/{local[0].rgb.name}"
     a, b = m3fd.load_image_pair(local[0], 32), m3fd.load_image_pair(remote[0], 32)
     assert all(bool((x == y).all()) for x, y in zip(a, b, strict=True))
+
+
+def test_wrong_secret_or_no_server_is_a_clear_error_without_the_secret(s3_root, tmp_path, monkeypatch):
+    from tests.s3server import free_port
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789")
+    with pytest.raises(StorageError, match="cannot write artifact s3://") as e:
+        Storage(s3_root, cache_dir=tmp_path / "c1").write_bytes("jobs/j/e.bin", b"x")
+    assert "wrong-secret-0123456789" not in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries of a refused connection take minutes
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(StorageError, match="cannot write artifact s3://"):
+        Storage(s3_root, cache_dir=tmp_path / "c2").write_bytes("jobs/j/e.bin", b"x")
+
+
+def test_a_shard_fails_clearly_while_the_server_is_unreachable_and_a_retry_completes(
+        s3_server, s3_root, tmp_path, monkeypatch, tiny_sd, m3fd_small):
+    """The storage fault on object storage: writes fail -> the shard fails with a one-line StorageError naming the
+    URI, nothing is recorded; with the server back, re-running the shard records one complete object."""
+    from dataclasses import replace
+
+    from sqlalchemy import select
+
+    from orchestrator import jobs
+    from orchestrator.submit import submit_invert
+    from shared.db import session_scope
+    from shared.models import Artifact, Shard
+    from tests.conftest import embedded_settings
+    from tests.orchestrator.conftest import create_only, invert_args
+    from tests.s3server import free_port
+    from workers.runner import run_shard
+    from workers.tasks.invert import invert_work
+
+    settings = replace(embedded_settings(tmp_path / "orch"), storage=s3_root)
+    settings.ensure_local_folders()
+    job_id = create_only(submit_invert, settings, invert_args(m3fd_small, tiny_sd, shards=2))
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries of a refused connection take minutes
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(StorageError):
+        run_shard(settings, job_id, 0, invert_work)
+    with session_scope(settings) as s:
+        state, error = s.execute(select(Shard.state, Shard.error).where(Shard.job_id == job_id,
+                                                                        Shard.index == 0)).one()
+        assert s.execute(select(Artifact).where(Artifact.job_id == job_id)).first() is None
+    assert state == "failed" and error.startswith("cannot write artifact s3://") and "\n" not in error
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    assert jobs.resume(settings, job_id, failed_only=True) >= 1  # what `orchestrator retry JOB --failed` does
+    for i in (0, 1):
+        run_shard(settings, job_id, i, invert_work)
+    assert jobs.get_job(settings, job_id).state == "succeeded"
+    with session_scope(settings) as s:
+        arts = s.execute(select(Artifact.uri, Artifact.sha256).where(Artifact.job_id == job_id)).all()
+    fs = s3_server.client()
+    assert len(arts) == 2 and all(hashlib.sha256(fs.cat_file(u)).hexdigest() == h for u, h in arts)
