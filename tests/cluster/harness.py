@@ -121,7 +121,8 @@ class Harness:
         for p in (home, tmp):
             p.mkdir(parents=True, exist_ok=True)
         s = replace(self.settings, home=home)
-        return cl.worker_env(s, {**self.head.s3_env(), "TMPDIR": str(tmp), "HOME": str(self.private(role))})
+        return cl.worker_env(s, {**self.head.s3_env(), "TMPDIR": str(tmp), "HOME": str(self.private(role)),
+                                    "ORCH_CACHE": str(home / "cache")})
 
     def start_worker(self, role: str, wait: bool = True) -> cl.Node:
         log = self.root / "logs" / f"{role}.log"
