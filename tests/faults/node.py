@@ -102,6 +102,8 @@ def _child(req: dict, listener: socket.socket, conn: socket.socket) -> None:
         conn.close()
         os.setsid()  # its own session and process group: killpg takes the whole node
         die_with_parent()
+        if req.get("netns"):  # a node of the cluster harness (tests/cluster): its machine's network namespace
+            enter_netns(req["netns"])
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -133,7 +135,19 @@ def _load_prctl():
 
 #: Looked up once here: a function run between fork and exec must not load libraries.
 _PRCTL = _load_prctl()
+_SETNS = getattr(ctypes.CDLL(None, use_errno=True), "setns", None)
 PR_SET_PDEATHSIG = 1
+CLONE_NEWNET = 0x40000000
+
+
+def enter_netns(name: str) -> None:
+    """Move this (single-threaded, just forked) process into the network namespace `ip netns add NAME` made."""
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _SETNS is None or _SETNS(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into network namespace {name} failed")
+    finally:
+        os.close(fd)
 
 
 def die_with_parent() -> None:
@@ -172,7 +186,7 @@ class ForkedProcess:
 class Zygote:
     """The fork server, started once (it pays the imports) and stopped with `close()`."""
 
-    def __init__(self, folder: Path, env: dict[str, str], cwd: Path):
+    def __init__(self, folder: Path, env: dict[str, str], cwd: Path, timeout: float = 180.0):
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "zygote.sock"
         self.path.unlink(missing_ok=True)
@@ -181,7 +195,7 @@ class Zygote:
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen([sys.executable, "-m", "tests.faults.node", "--serve", str(self.path)],
                                          env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + timeout
         while not self.path.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.close()
@@ -189,9 +203,9 @@ class Zygote:
             time.sleep(0.1)
 
     def spawn(self, queues: str, hostname: str, env: dict[str, str], log: Path, loglevel: str = "INFO",
-              concurrency: int = 1) -> ForkedProcess:
+              concurrency: int = 1, netns: str | None = None) -> ForkedProcess:
         req = {"queues": queues, "hostname": hostname, "env": env, "log": str(log), "cwd": str(self.cwd),
-               "loglevel": loglevel, "concurrency": concurrency}
+               "loglevel": loglevel, "concurrency": concurrency, "netns": netns}
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(30)
             s.connect(str(self.path))
