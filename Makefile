@@ -10,7 +10,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # EXTRAS: worker = torch and the ML stack, dev = tests and linters (includes worker); none for a control-plane host.
 EXTRAS ?= worker,dev
 
-.PHONY: venv demo test test-fast faults cluster lint fmt clean
+.PHONY: venv demo test test-fast faults cluster cluster-test lint fmt clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,9 @@ faults: $(STAMP)
 # network-namespace cluster (root): partitions, node loss, latency, multi-node DDP (docs/cluster.md)
 cluster: $(STAMP)
 	$(PY) -m tests.cluster
+
+cluster-test: $(STAMP)
+	ORCH_CLUSTER_TESTS=1 $(PY) -m pytest -q -p no:cacheprovider tests/cluster
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

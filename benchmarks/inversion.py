@@ -20,7 +20,7 @@ compute) and overlapped (a thread pool decodes and crops the next batches while 
 GPU (``--gpu``; prints "no GPU" and exits 0 without one): an SD v1-4 U-Net and VAE of the real architecture with
 random weights (same FLOPs as the real model) at 512 px, the "readme" schedule; bf16, channels-last, SDPA (diffusers'
 default attention on torch 2), optionally torch.compile; a batch-size sweep; images/s and the fraction of the GPU's
-peak dense bf16 throughput, from FLOPs counted with torch.utils.flop_counter (REFERENCE.md s.7: ~18 TFLOP per image,
+peak dense bf16 throughput, from FLOPs counted with torch.utils.flop_counter (docs/background.md s.7: ~18 TFLOP per image,
 ~55 img/s on an H100 at 100%).
 """
 

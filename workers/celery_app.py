@@ -1,6 +1,6 @@
 """The Celery application: transport only. The results DB, not Celery, records what happened.
 
-Settings and why (DESIGN.md, REFERENCE.md s.6):
+Settings and why (README.md "Design decisions", docs/background.md s.6):
 - JSON only, for messages and accepted content: a message must never be able to run code (pickle is refused).
 - acks_late + reject_on_worker_lost: a shard whose worker dies is redelivered; the DB lease makes that safe.
 - prefetch multiplier 1: a busy worker does not hoard shards (a hidden backlog starves autoscalers).

@@ -1,7 +1,7 @@
 """FID and Inception Score of generated digits, with Inception-v3 or MNIST-classifier features.
 
 Both scores come from torchmetrics' ``FrechetInceptionDistance`` and ``InceptionScore`` so the numbers use
-the same formulas as the seed project (REFERENCE.md s.1, s.5). Each image goes once through the extractor,
+the same formulas as the seed project (docs/background.md s.1, s.5). Each image goes once through the extractor,
 which returns FID features and IS logits together; the metrics receive them through an identity
 ``feature=`` module (torchmetrics' custom-extractor path).
 

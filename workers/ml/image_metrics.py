@@ -1,6 +1,6 @@
 """Per-image PSNR and SSIM of images in [0, 1] (torchmetrics functional, as the seed project computed them).
 
-Pitfalls avoided (REFERENCE.md s.5): torchmetrics' PSNR with ``dim=None`` pools the squared error over the whole
+Pitfalls avoided (docs/background.md s.5): torchmetrics' PSNR with ``dim=None`` pools the squared error over the whole
 batch, which is not the mean of per-image PSNRs; here the error is reduced per image (``dim=(1, 2, 3)``) and
 ``data_range=1.0`` is given explicitly for both metrics (otherwise it is inferred from the data).
 """

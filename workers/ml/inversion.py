@@ -16,9 +16,9 @@ Timesteps. ``steps`` sets the schedule granularity over the 1000 training steps 
 "leading", steps_offset 0, so the grid is 0, stride, 2*stride, ...). The clean latent z_0 sits at level 0
 (alpha_bar_0 = 0.99915, i.e. set_alpha_to_one=False, as in SD's training); the U-Net is called at every grid point
 in (0, t_end], so the chain ends exactly at t_end. (SD's own steps_offset=1 would give 1, 21, ..., 401 instead:
-REFERENCE.md s.3.) ``clip_sample`` is forced off: clamping x0_hat to [-1, 1] damages SD latents.
+docs/background.md s.3.) ``clip_sample`` is forced off: clamping x0_hat to [-1, 1] damages SD latents.
 
-Presets (REFERENCE.md s.1):
+Presets (docs/background.md s.1):
 
 - ``readme``: 512 px centre crop, posterior mean, empty prompts, stride 20 to t = 400: U-Net at 20, 40, ..., 400
   (20 calls).

@@ -1,6 +1,6 @@
 """M3FD visible/infrared pairs: discovery, validation, the seeded train/test split, loading, synthetic data.
 
-Layouts (REFERENCE.md s.2, TarDAL's README):
+Layouts (docs/background.md s.2, TarDAL's README):
 
 - flat ``M3FD_Detection``: ``root/Vis/00000.png``, ``root/Ir/00000.png`` (same names), optional ``root/Annotation``;
   the pair id is the file stem (``"00000"``).

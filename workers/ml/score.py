@@ -4,7 +4,7 @@ an EMA of weights, and the two training/sampling protocols as presets.
 Notation (Song & Ermon 2019): noise levels sigma_1 > ... > sigma_L; q_sigma(x~ | x) = N(x, sigma^2 I), whose
 score is -(x~ - x) / sigma^2; s_theta(x~, sigma) is the score network.
 
-Two protocols are kept side by side (REFERENCE.md s.1 and s.4):
+Two protocols are kept side by side (docs/background.md s.1 and s.4):
 - "ncsn": the paper's setting (geometric sigmas 1 -> 0.01, L = 10, data in [0, 1], eps = 2e-5, T = 100,
   start from U[0, 1]) with NCSNv2's improvements (score scaled by 1/sigma, EMA 0.999, final denoising step).
 - "seed-code": what the seed project's code ran (linear sigmas, data in [-1, 1], AdamW lr 2e-4, batch 256,

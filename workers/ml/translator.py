@@ -4,7 +4,7 @@ The translation network f_theta: z^RGB_t -> z^IR_t works on Stable Diffusion VAE
 inversion to t = 400, both of shape (B, 4, h, w) with h = w = image_size / 8 (64 at 512 px, 32 at 256 px).
 It is trained with a plain MSE between f_theta(z^RGB_t) and z^IR_t (see ``workers/train/translator.py``).
 
-``TRANSLATOR_PRESETS`` holds the two training protocols of the seed project (REFERENCE.md s.1): what its
+``TRANSLATOR_PRESETS`` holds the two training protocols of the seed project (docs/background.md s.1): what its
 README says and what its code actually did.
 """
 

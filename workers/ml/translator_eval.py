@@ -4,7 +4,7 @@ For each test pair the prediction f_theta(z^RGB_t), the ground truth z^IR_t and 
 as the prediction) are DDIM-denoised from t_end back to 0 with the IR prompt and decoded by the VAE. Then:
 
 - honest protocol: prediction vs the real infrared pixels (``psnr``, ``ssim``);
-- seed protocol (REFERENCE.md s.1): prediction vs the ground truth's own round trip decode(denoise(z^IR_t)),
+- seed protocol (docs/background.md s.1): prediction vs the ground truth's own round trip decode(denoise(z^IR_t)),
   which is what the seed project reported as 19.07 dB / 0.7083 (``psnr_seed_protocol``, ``ssim_seed_protocol``);
 - the baseline under both (``psnr_baseline``, ``ssim_baseline`` vs real IR; ``*_baseline_seed_protocol`` vs the
   round trip), so a translator's number can be read against "copy the RGB latent".
