@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from orchestrator.cli_submit import add_submit_parsers
 from shared import constants as C
 from shared.errors import UserError
 from shared.settings import Settings, mask_url
@@ -54,105 +55,6 @@ def _wait_and_report(settings: Settings, job_id: str, as_json: bool, timeout: fl
         if job.error:
             _print(f"error: {job.error.splitlines()[0]}")
     return C.EXIT_OK if job.state == "succeeded" else C.EXIT_JOB_FAILED
-
-
-def _add_common_submit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 unless it succeeded")
-    p.add_argument("--json", action="store_true", help='print {"job_id": ...} (with --wait: the final status)')
-
-
-def add_submit_parsers(sub) -> None:
-    p = sub.add_parser("submit", help="create a job and enqueue its shards")
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
-
-    inv = kinds.add_parser("invert", help="encode M3FD pairs with the SD VAE and DDIM-invert both latents to t")
-    inv.add_argument("--data", required=True, help="M3FD folder (flat Vis/ Ir/ or the scene tree)")
-    inv.add_argument("--model", required=True, help="local diffusers SD folder or hub id in the offline cache")
-    inv.add_argument("--shards", type=int, default=16)
-    inv.add_argument("--t", type=int, default=None, help="inversion end timestep (default: the preset's, 400)")
-    inv.add_argument("--steps", type=int, default=None, help="schedule granularity over 1000 steps (readme: 50)")
-    inv.add_argument("--size", type=int, default=None, help="centre-crop side in pixels (readme: 512)")
-    inv.add_argument("--batch-size", type=int, default=8)
-    inv.add_argument("--preset", choices=["readme", "seed-code"], default="readme")
-    inv.add_argument("--split-seed", type=int, default=42)
-    inv.add_argument("--test-fraction", type=float, default=0.2)
-    inv.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
-    inv.add_argument("--seed", type=int, default=0, help="seed of latent sampling (seed-code preset)")
-    inv.add_argument("--skip-bad", action="store_true",
-                     help="skip pairs with unreadable or mismatched images (recorded in the DB) instead of failing")
-    _add_common_submit(inv)
-
-    tr = kinds.add_parser("train-translator", help="train the latent U-Net z_rgb_t -> z_ir_t with DDP")
-    tr.add_argument("--latents", required=True, help="id of a succeeded invert job")
-    tr.add_argument("--preset", choices=["readme", "seed-code"], default="readme")
-    tr.add_argument("--epochs", type=int, default=None, help="default: the preset's (25)")
-    tr.add_argument("--lr", type=float, default=None)
-    tr.add_argument("--weight-decay", type=float, default=None)
-    tr.add_argument("--batch-size", type=int, default=None, help="per process")
-    tr.add_argument("--gpus", type=int, default=1, help="DDP processes (GPUs; gloo processes on CPU)")
-    tr.add_argument("--base-channels", type=int, default=None)
-    tr.add_argument("--depth", type=int, default=None, help="number of downsamples")
-    tr.add_argument("--amp", action="store_true", help="bf16/fp16 autocast on GPU")
-    tr.add_argument("--checkpoint-every", type=int, default=None, help="steps (0: epoch ends only)")
-    tr.add_argument("--max-steps", type=int, default=None)
-    tr.add_argument("--log-every", type=int, default=None)
-    tr.add_argument("--seed", type=int, default=None)
-    _add_common_submit(tr)
-
-    ev = kinds.add_parser("eval-translator", help="PSNR/SSIM of a translator checkpoint on the test pairs")
-    ev.add_argument("--checkpoint", type=int, required=True, help="checkpoint id (orchestrator results TRAIN_JOB)")
-    ev.add_argument("--shards", type=int, default=4)
-    ev.add_argument("--batch-size", type=int, default=8)
-    _add_common_submit(ev)
-
-    nc = kinds.add_parser("train-ncsn", help="train a noise conditional score network on MNIST with DDP")
-    nc.add_argument("--data", default="mnist:embedded", help="mnist:embedded or a folder of MNIST IDX files")
-    nc.add_argument("--preset", choices=["ncsn", "seed-code"], default="ncsn")
-    nc.add_argument("--epochs", type=int, default=None)
-    nc.add_argument("--batch-size", type=int, default=None)
-    nc.add_argument("--lr", type=float, default=None)
-    nc.add_argument("--gpus", type=int, default=1)
-    nc.add_argument("--base-channels", type=int, default=None)
-    nc.add_argument("--max-train-samples", type=int, default=None)
-    nc.add_argument("--steps-each", type=int, default=None, help="Langevin steps per noise level when sampling")
-    nc.add_argument("--amp", action="store_true")
-    nc.add_argument("--checkpoint-every", type=int, default=None)
-    nc.add_argument("--max-steps", type=int, default=None)
-    nc.add_argument("--log-every", type=int, default=None)
-    nc.add_argument("--seed", type=int, default=None)
-    _add_common_submit(nc)
-
-    cl = kinds.add_parser("train-classifier", help="train the MNIST classifier used as an offline feature extractor")
-    cl.add_argument("--data", default="mnist:embedded")
-    cl.add_argument("--epochs", type=int, default=None)
-    cl.add_argument("--batch-size", type=int, default=None)
-    cl.add_argument("--lr", type=float, default=None)
-    cl.add_argument("--gpus", type=int, default=1)
-    cl.add_argument("--max-train-samples", type=int, default=None)
-    cl.add_argument("--log-every", type=int, default=None)
-    cl.add_argument("--seed", type=int, default=None)
-    _add_common_submit(cl)
-
-    sa = kinds.add_parser("sample", help="annealed Langevin sampling from an NCSN checkpoint, sharded")
-    sa.add_argument("--checkpoint", type=int, required=True)
-    sa.add_argument("--n", type=int, default=10000)
-    sa.add_argument("--shards", type=int, default=8)
-    sa.add_argument("--batch-size", type=int, default=1000)
-    sa.add_argument("--steps-each", type=int, default=None, help="default: the checkpoint's preset (100)")
-    sa.add_argument("--seed", type=int, default=0)
-    _add_common_submit(sa)
-
-    fd = kinds.add_parser("eval-fid", help="FID and IS of a sample job against reference digits")
-    fd.add_argument("--samples", required=True, help="id of a succeeded sample job")
-    fd.add_argument("--reference", default="mnist:embedded")
-    fd.add_argument("--reference-split", choices=["train", "test"], default="test")
-    fd.add_argument("--n-real", type=int, default=None, help="use the first N reference digits")
-    fd.add_argument("--features", choices=["inception", "mnist-classifier"], default="mnist-classifier")
-    fd.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05 weights file")
-    fd.add_argument("--classifier", type=int, default=None, help="checkpoint id of a train-classifier job")
-    fd.add_argument("--is-splits", type=int, default=10)
-    fd.add_argument("--seed", type=int, default=0)
-    _add_common_submit(fd)
 
 
 # -- read side --------------------------------------------------------------------------------------------------------
@@ -439,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return C.EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except ModuleNotFoundError as e:
+        return missing_worker_package(e, args.command)
+    except BrokenPipeError:
+        return broken_pipe()
     except Exception as e:  # a database configuration error is one line too; anything else keeps its traceback
         from orchestrator.limits import database_error
 
@@ -446,12 +354,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {line}", file=sys.stderr)
         return C.EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
-    except ModuleNotFoundError as e:
-        return missing_worker_package(e, args.command)
-    except BrokenPipeError:
-        return broken_pipe()
 
 
 if __name__ == "__main__":
