@@ -7,12 +7,15 @@ decodes per job, paid by the first shard(s).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shared.models import Item
+
+log = logging.getLogger(__name__)
 
 #: Pairs of a job that get decoded previews (the report's default number of examples).
 PREVIEW_PAIRS = 4
@@ -41,7 +44,14 @@ def png_of(x01: Any) -> bytes:
 
 def write_previews(storage, job_id: str, parts, tensors: dict[str, Any], pair_ids: list[str], n: int,
                    random_model: bool) -> list[tuple[Any, dict[str, Any]]]:
-    """Decode the first `n` pairs' latents and store one PNG per (pair, latent): [(StoredFile, meta)]."""
+    """Decode the first `n` pairs' latents and store one PNG per (pair, latent): [(StoredFile, meta)].
+
+    Previews are for people, not results: when storage refuses one (full, read-only, unreachable), the shard keeps
+    the pictures already written (they get rows with the shard's result, so no unrecorded file is left) and goes on
+    without the rest, with a warning. The shard's own artifact was written first; whether the job can go on is for
+    its next write to say.
+    """
+    from shared.storage import StorageError
     from workers.ml.inversion import decode
 
     out: list[tuple[Any, dict[str, Any]]] = []
@@ -51,7 +61,12 @@ def write_previews(storage, job_id: str, parts, tensors: dict[str, Any], pair_id
     for key in LATENT_KEYS:
         images = decode(parts, tensors[key][:n], max_batch=4)
         for pid, img in zip(pair_ids[:n], images, strict=True):
-            stored = storage.write_bytes(f"jobs/{job_id}/previews/{pid}-{key}.png", png_of(img))
+            try:
+                stored = storage.write_bytes(f"jobs/{job_id}/previews/{pid}-{key}.png", png_of(img))
+            except StorageError as e:
+                log.warning("job %s: preview pictures skipped after %d of %d: %s", job_id, len(out),
+                            n * len(LATENT_KEYS), e)
+                return out
             out.append((stored, {"what": f"VAE decode of {key}", "preview": True, "pair_id": pid, "latent": key,
                                  "random_model": random_model}))
     return out

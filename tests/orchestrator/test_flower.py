@@ -151,7 +151,9 @@ def test_rest_api_lists_every_shard_task_with_job_shard_worker_runtime_and_resul
         assert info["state"] == "SUCCESS" and info["name"] == "invert.shard" and info["worker"] == t["worker"]
         progress = info["progress"]  # the last task-progress event before the task ended
         assert progress["job_id"] == r.job_id and progress["shard"] == kwargs["shard_index"]
-        assert progress["total"] == 5 and progress["done"] in (4, 5) and progress["pairs_per_s"] > 0
+        # progress counts U-Net calls (20 per batch of up to 4 pairs: 2 batches here) and carries the pairs done
+        assert progress["unit"] == "unet_calls" and progress["total"] == 40 and 20 <= progress["done"] <= 40
+        assert progress["pairs"] == 5 and progress["pairs_done"] in (4, 5) and progress["pairs_per_s"] > 0
     assert seen == {0, 1, 2, 3}
 
 
@@ -229,6 +231,7 @@ def test_shard_context_progress_sends_throttled_events_and_survives_a_broker_err
     sent, beats = [], []
 
     class Task:
+        name = "invert.shard"
         request = SimpleNamespace(id="abc", hostname="gpu0@node")
 
         def send_event(self, type_, **fields):
@@ -244,6 +247,8 @@ def test_shard_context_progress_sends_throttled_events_and_survives_a_broker_err
     assert sent[0][0] == "task-progress" and sent[0][1]["retry"] is False
     assert sent[0][1]["result"] == "1/10 (10%) pairs_per_s=2.5" and sent[1][1]["result"] == "10/10 (100%) pairs_per_s=2.75"
     assert sent[0][1]["progress"] == {"job_id": "invert-1", "shard": 3, "done": 1, "total": 10, "pairs_per_s": 2.5}
+    # name and arguments ride along, so a Flower started mid-task still lists it by name
+    assert sent[0][1]["name"] == "invert.shard" and sent[0][1]["kwargs"] == "{'job_id': 'invert-1', 'shard_index': 3}"
 
     class Broken(Task):
         def send_event(self, type_, **fields):
