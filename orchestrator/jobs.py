@@ -142,10 +142,19 @@ def cancel(settings: Settings, job_id: str) -> str:
 
 
 def resume(settings: Settings, job_id: str, failed_only: bool = False) -> int:
-    """Re-enqueue only the unfinished shards of a cancelled, failed or stuck job (done shards are kept)."""
+    """Re-enqueue only the unfinished shards of a cancelled, failed or stuck job (done shards are kept).
+
+    Like `submit`: the broker is checked before anything changes, the job reads `queued` until one of its shards
+    starts (`running` while a shard still holds a lease), and a publish that fails leaves it cancelled, with the
+    error saying so, rather than half-published for a reaper to pick up later."""
+    from workers.dispatch import broker_problem
+
     job = get_job(settings, job_id)
     if job.state == JobState.SUCCEEDED:
         raise UserError(f"job '{job_id}' already succeeded: nothing to resume")
+    problem = broker_problem(settings)
+    if problem:
+        raise UserError(f"{problem}: job {job_id} was not resumed (check ORCH_BROKER_URL and that the broker is up)")
     states = [ShardState.FAILED] if failed_only else [
         ShardState.PENDING, ShardState.QUEUED, ShardState.CANCELLED, ShardState.FAILED,
     ]
@@ -159,16 +168,27 @@ def resume(settings: Settings, job_id: str, failed_only: bool = False) -> int:
         failed = s.execute(
             select(Shard.index).where(Shard.job_id == job_id, Shard.state == ShardState.FAILED)
         ).scalars().all()
+        running = s.execute(
+            select(Shard.id).where(Shard.job_id == job_id, Shard.state == ShardState.RUNNING).limit(1)
+        ).first()
         s.execute(
             update(Job)
             .where(Job.id == job_id)
-            .values(state=JobState.RUNNING.value, finished_at=None, error=None, shards_failed=len(failed))
+            .values(state=(JobState.RUNNING if running else JobState.QUEUED).value, finished_at=None, error=None,
+                    shards_failed=len(failed))
         )
-    n = enqueue_shards(settings, job_id)
+    try:
+        n = enqueue_shards(settings, job_id)
+    except _publish_errors() as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        _abandon(settings, job_id, f"resume failed while publishing its shards ({why})")
+        raise UserError(f"job {job_id} could not be resumed: its shards could not be published ({why}); it is "
+                        f"cancelled: run `orchestrator resume {job_id}` again once the broker is back") from None
     with session_scope(settings) as s:  # every shard was already done (e.g. a cancel came after the work ended)
         s.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.shards_done == Job.shards_total)
+            .where(Job.id == job_id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
+                   Job.shards_done == Job.shards_total)
             .values(state=JobState.SUCCEEDED.value, finished_at=utcnow())
         )
     return n

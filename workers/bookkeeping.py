@@ -55,8 +55,10 @@ def aware(dt: datetime | None) -> datetime | None:
     return dt.replace(tzinfo=timezone.utc)
 
 
-def make_owner(task_id: str | None = None) -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{task_id or uuid.uuid4().hex[:12]}"
+def make_owner(task_id: str | None = None, node: str | None = None) -> str:
+    """A lease owner `node:pid:task_id`. `node` is the Celery node name (`name@host`, what Flower lists), so the
+    shard's worker column (`node:pid`) names the worker the way Flower does; the host name outside a worker."""
+    return f"{node or socket.gethostname()}:{os.getpid()}:{task_id or uuid.uuid4().hex[:12]}"
 
 
 @dataclass

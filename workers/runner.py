@@ -104,8 +104,8 @@ def run_shard(
     work: Callable[[ShardContext], ShardOutput],
     task: Any = None,
 ) -> dict[str, Any]:
-    task_id = getattr(getattr(task, "request", None), "id", None)
-    owner = bk.make_owner(task_id)
+    request = getattr(task, "request", None)
+    owner = bk.make_owner(getattr(request, "id", None), getattr(request, "hostname", None))
     claim = bk.claim_shard(settings, job_id, index, owner, getattr(task, "name", None))
     if not claim.ok and claim.retry_in is not None:
         raise LeasedElsewhere(claim.reason, claim.retry_in)

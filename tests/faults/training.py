@@ -29,7 +29,10 @@ from tests.faults.state import SMALL
 STOP_BOUND = 2 * LEASE_SECONDS + 30.0
 
 
-def frozen_training_worker(bench: Bench, epochs: int = 12, every: int = 5) -> list[Outcome]:
+def frozen_training_worker(bench: Bench, epochs: int = 100, every: int = 20) -> list[Outcome]:
+    """400 steps of a tiny model (4 a epoch): on a quiet 2-core machine about 30 s, so that the stale attempt is
+    still training when its lease lapses (12 epochs took 4 s here: the run ended before the lease did, and nothing
+    was left to fence)."""
     return [_frozen(bench, "supervisor", epochs, every), _frozen(bench, "node", epochs, every)]
 
 

@@ -27,12 +27,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from sqlalchemy import select
 
 from orchestrator import flower as fl
 from orchestrator import jobs
 from orchestrator.demo import local_workers
 from orchestrator.submit import submit_invert
 from shared import constants as C
+from shared.db import session_scope
+from shared.models import Shard
 from shared.settings import Settings
 from tests.conftest import REDIS_URL, require_servers
 from tests.orchestrator.test_report import run_chromium, screenshot_is_not_blank
@@ -155,6 +158,10 @@ def test_rest_api_lists_every_shard_task_with_job_shard_worker_runtime_and_resul
         assert progress["unit"] == "unet_calls" and progress["total"] == 40 and 20 <= progress["done"] <= 40
         assert progress["pairs"] == 5 and progress["pairs_done"] in (4, 5) and progress["pairs_per_s"] > 0
     assert seen == {0, 1, 2, 3}
+    # one worker name everywhere: the DB's shard rows name the node Flower lists (then the pid)
+    with session_scope(r.settings) as s:
+        workers_of_shards = {w.rsplit(":", 1)[0] for w in s.scalars(select(Shard.worker).where(Shard.job_id == r.job_id))}
+    assert workers_of_shards <= set(names), (workers_of_shards, names)
 
 
 @pytest.mark.slow

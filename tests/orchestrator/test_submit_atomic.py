@@ -83,3 +83,28 @@ def test_publish_failure_after_rows_cancels_the_job(embedded, monkeypatch):
     assert _messages(embedded) == 0  # nothing will run it
     monkeypatch.undo()
     assert jobs.resume(embedded, job_id) == 3 and _messages(embedded) == 3
+    # resumed, it waits as `queued` (no shard has started): a shard's claim makes it `running`
+    assert jobs.get_job(embedded, job_id).state == "queued"
+
+
+def test_resume_is_checked_first_and_a_failed_publish_leaves_the_job_cancelled(embedded, monkeypatch):
+    """`resume` behaves like `submit`: a broker that is down is one line before anything changes, and a publish
+    that fails midway cancels the job again (with the command to rerun) instead of leaving it for the reaper."""
+    from dataclasses import replace
+
+    job_id = jobs.create_job(embedded, C.KIND_BENCH, {}, 2)
+    jobs.cancel(embedded, job_id)
+    with pytest.raises(UserError) as err:
+        jobs.resume(replace(embedded, broker_url="redis://127.0.0.1:1/0"), job_id)
+    assert "was not resumed" in str(err.value) and "\n" not in str(err.value)
+    assert jobs.get_job(embedded, job_id).state == "cancelled"
+
+    def broken(*_a, **_kw):
+        raise ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(jobs, "enqueue_shards", broken)
+    with pytest.raises(UserError) as err:
+        jobs.resume(embedded, job_id)
+    assert f"`orchestrator resume {job_id}`" in str(err.value)
+    assert jobs.get_job(embedded, job_id).state == "cancelled"
+    assert reap(embedded, stale_queued_seconds=0, requeue_after=0) == [] and _messages(embedded) == 0
