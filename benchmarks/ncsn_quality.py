@@ -7,9 +7,9 @@
 On a throw-away embedded backend with two local worker processes it submits, like a user would,
 `train-classifier` (the feature extractor), `train-ncsn` on the 4,000 embedded training digits, then for every
 wall-time mark (minutes of training since the training job started) `sample --shards 2` from the last checkpoint
-written before the mark and `eval-fid --features mnist-classifier` against the 1,000 held-out digits. A sample job
-for an early mark runs while training continues (the machine has 2 cores: it slows training, and the wall times
-say so). Training is cancelled at the last mark (the run saves a checkpoint and stops). The floor and ceiling rows
+written before the mark and `eval-fid --features mnist-classifier` against the 1,000 held-out digits. Training is
+cancelled at the last mark (the run saves a checkpoint and stops); the sample jobs run after it, so that the marks
+measure training alone (on 2 cores a sample job beside it would slow it). The floor and ceiling rows
 (uniform noise; 500 real training digits) use the same classifier. One JSON record per row is appended to
 benchmarks/results/ncsn_quality.json; --grid writes a 10x10 grid of the last mark's samples, --real-grid one of
 real training digits. Classifier-FIDs are not comparable to Inception FIDs (such as the seed's 103.49).
@@ -87,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     from shared.storage import Storage
     from workers.ml.fid import compute_fid_is
     from workers.ml.mnist import EMBEDDED, load_mnist
+    from workers.ml.score import get_preset
     from workers.tasks.ncsn import load_classifier_checkpoint, load_sample_arrays
     from workers.tasks.train import job_of_checkpoint
 
     ns = argparse.Namespace
+    preset = get_preset(args.preset)
     records: list[dict] = []
     loads: list[float] = []
     commit = _commit()
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 base_channels=args.base_channels, max_train_samples=None, steps_each=None, amp=False,
                 checkpoint_every=0, max_steps=None, log_every=20, seed=0))
             print(f"train-ncsn --preset {args.preset}: job {train_job}", flush=True)
+            marked: list[tuple[float, int, int, float]] = []  # (mark, checkpoint, step, seconds)
             sample_jobs: list[tuple[float, int, int, float, str]] = []  # (mark, ckpt, step, seconds, job)
             pending = list(marks)
             while pending:
@@ -149,12 +152,16 @@ def main(argv: list[str] | None = None) -> int:
                     cid, step, secs = ([c for c in cks if c[2] <= mark * 60] or cks[:1])[-1]
                 else:
                     cid, step, secs = cks[-1]
+                print(f"mark {mark:g} min: checkpoint {cid} (step {step}, {secs:.0f} s)", flush=True)
+                marked.append((mark, cid, step, secs))
+            train_s = _checkpoints(settings, train_job)[-1][2]
+            # sampling waits for the end of training: on 2 cores a sample job beside the training run would slow
+            # it, and the marks would measure a shared machine rather than training time
+            for mark, cid, step, secs in marked:
                 sj = submit.submit_sample(settings, ns(checkpoint=cid, n=args.n, shards=2, batch_size=args.n,
                                                        steps_each=args.steps_each, seed=0))
-                print(f"mark {mark:g} min: checkpoint {cid} (step {step}, {secs:.0f} s) -> sample job {sj}",
-                      flush=True)
+                print(f"mark {mark:g} min: checkpoint {cid} -> sample job {sj}", flush=True)
                 sample_jobs.append((mark, cid, step, secs, sj))
-            train_s = _checkpoints(settings, train_job)[-1][2]
 
             test_x, _ = load_mnist(EMBEDDED, "test")
             train_x, _ = load_mnist(EMBEDDED, "train")
@@ -169,9 +176,12 @@ def main(argv: list[str] | None = None) -> int:
                                                     classifier=clf_ckpt, is_splits=splits, seed=0))
                 m = summary_metrics(settings, fj)
                 wall = (job.finished_at - job.started_at).total_seconds() if job.started_at else None
-                records.append({"preset": args.preset, "train_minutes": round(secs / 60, 2), "mark_minutes": mark,
+                records.append({"preset": args.preset,
+                                "base_channels": args.base_channels or preset["base_channels"],
+                                "train_minutes": round(secs / 60, 2), "mark_minutes": mark,
                                 "steps": step, "fid": m["fid"], "is_mean": m["is_mean"], "is_std": m["is_std"],
-                                "n_samples": int(m["n_fake"]), "steps_each": job.spec.get("n_steps_each"),
+                                "n_samples": int(m["n_fake"]),
+                                "steps_each": job.spec.get("n_steps_each") or preset["n_steps_each"],
                                 "sample_wall_s": wall, "sample_shard_seconds": sample_m.get("shard_seconds_total"),
                                 "train_job": train_job, "sample_job": sj, "eval_job": fj, "checkpoint": cid})
                 print(f"  {mark:g} min (step {step}): FID {m['fid']:.1f}, IS {m['is_mean']:.2f} ± {m['is_std']:.2f}"

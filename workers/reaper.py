@@ -106,7 +106,7 @@ def _republish_lost(settings: Settings, now, requeue_after: float) -> list[tuple
         ).all()
     if not stale:
         return []
-    from orchestrator.exporter import queue_lengths
+    from workers.queues import queue_lengths
 
     lengths, _ = queue_lengths(settings)
     out = []
