@@ -15,7 +15,9 @@ is what an autoscaler needs. The numbers here are read straight from the broker:
 The results DB adds jobs by state and unfinished shards by state. A source that fails sets
 `orch_scrape_error{source=...}` to 1 instead of failing the whole scrape.
 
-The HTTP server is the standard library's: GET /metrics (text format 0.0.4), GET /healthz.
+prometheus_client builds the families and writes the text format; the HTTP server is the standard library's (GET
+/metrics, text format 0.0.4, and GET /healthz, which prometheus_client's own server lacks), so a scrape reads the
+broker and the DB once, under a lock, instead of once per registered metric.
 """
 
 from __future__ import annotations
@@ -119,49 +121,65 @@ def collect(settings: Settings, queues: Sequence[str] = C.QUEUES, db: bool = Tru
     return snap
 
 
-# -- text format ------------------------------------------------------------------------------------------------------
+# -- text format: prometheus_client's families and exposition ------------------------------------------------------
 
 
-def _label(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def _gauges(snap: Snapshot, db: bool = True) -> list[Any]:
+    """The snapshot as prometheus_client gauge families (every series of a family always present)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    def family(name: str, help_: str, labels: list[str], samples: list[tuple[list[str], float]]) -> Any:
+        fam = GaugeMetricFamily(name, help_, labels=labels)
+        for values, value in samples:
+            fam.add_metric(values, value)
+        return fam
+
+    out = []
+    if snap.queues is not None:
+        out.append(family("orch_queue_length", "Messages waiting in a broker queue (not yet delivered to a worker).",
+                          ["queue"], [([q], n) for q, n in snap.queues.items()]))
+    if snap.unacked is not None:
+        out.append(family("orch_broker_unacked_messages",
+                          "Messages delivered to workers and not yet acknowledged (running or prefetched shards).",
+                          [], [([], snap.unacked)]))
+    if snap.unacked_by_queue is not None:
+        out.append(family("orch_queue_unacked",
+                          "Messages of a queue delivered and not yet acknowledged; those of killed workers stay until "
+                          "the visibility timeout.", ["queue"],
+                          [([q], n) for q, (n, _age) in snap.unacked_by_queue.items()]))
+        out.append(family("orch_queue_unacked_oldest_seconds",
+                          "Seconds since the oldest unacknowledged message of a queue was delivered (0: none).",
+                          ["queue"], [([q], round(age, 3)) for q, (_n, age) in snap.unacked_by_queue.items()]))
+    if snap.jobs is not None:
+        out.append(family("orch_jobs", "Jobs in the results database by state.", ["state"],
+                          [([st], n) for st, n in snap.jobs.items()]))
+    if snap.shards is not None:
+        out.append(family("orch_shards", "Unfinished shards in the results database by state.", ["state"],
+                          [([st], n) for st, n in snap.shards.items()]))
+    sources = ["broker", "db"] if db else ["broker"]
+    out.append(family("orch_scrape_error", "1 when a source could not be read during this scrape.", ["source"],
+                      [([src], 1 if src in snap.errors else 0) for src in sources]))
+    out.append(family("orch_scrape_duration_seconds", "Seconds this scrape took.", [], [([], round(snap.seconds, 6))]))
+    return out
 
 
-def _family(lines: list[str], name: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
-    lines.append(f"# HELP {name} {help_}")
-    lines.append(f"# TYPE {name} gauge")
-    for labels, value in samples:
-        lab = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-        lines.append(f"{name}{{{lab}}} {value:g}" if lab else f"{name} {value:g}")
+class _Reading:
+    """A prometheus_client collector of one snapshot (the exporter reads its sources once per scrape)."""
+
+    def __init__(self, snap: Snapshot, db: bool) -> None:
+        self.snap, self.db = snap, db
+
+    def collect(self):
+        yield from _gauges(self.snap, self.db)
 
 
 def render_prometheus(snap: Snapshot, db: bool = True) -> str:
-    """The snapshot in the Prometheus text exposition format (version 0.0.4)."""
-    lines: list[str] = []
-    if snap.queues is not None:
-        _family(lines, "orch_queue_length", "Messages waiting in a broker queue (not yet delivered to a worker).",
-                [({"queue": q}, n) for q, n in snap.queues.items()])
-    if snap.unacked is not None:
-        _family(lines, "orch_broker_unacked_messages",
-                "Messages delivered to workers and not yet acknowledged (running or prefetched shards).",
-                [({}, snap.unacked)])
-    if snap.unacked_by_queue is not None:
-        _family(lines, "orch_queue_unacked",
-                "Messages of a queue delivered and not yet acknowledged; those of killed workers stay until the "
-                "visibility timeout.", [({"queue": q}, n) for q, (n, _age) in snap.unacked_by_queue.items()])
-        _family(lines, "orch_queue_unacked_oldest_seconds",
-                "Seconds since the oldest unacknowledged message of a queue was delivered (0: none).",
-                [({"queue": q}, round(age, 3)) for q, (_n, age) in snap.unacked_by_queue.items()])
-    if snap.jobs is not None:
-        _family(lines, "orch_jobs", "Jobs in the results database by state.",
-                [({"state": st}, n) for st, n in snap.jobs.items()])
-    if snap.shards is not None:
-        _family(lines, "orch_shards", "Unfinished shards in the results database by state.",
-                [({"state": st}, n) for st, n in snap.shards.items()])
-    sources = ["broker", "db"] if db else ["broker"]
-    _family(lines, "orch_scrape_error", "1 when a source could not be read during this scrape.",
-            [({"source": src}, 1 if src in snap.errors else 0) for src in sources])
-    _family(lines, "orch_scrape_duration_seconds", "Seconds this scrape took.", [({}, round(snap.seconds, 6))])
-    return "\n".join(lines) + "\n"
+    """The snapshot in the Prometheus text exposition format (version 0.0.4), written by prometheus_client."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Reading(snap, db))
+    return generate_latest(registry).decode()
 
 
 # -- HTTP -------------------------------------------------------------------------------------------------------------
