@@ -55,8 +55,8 @@ def measure(settings, job_id: str, work, progress_timeout: float = 900.0) -> dic
 def run_invert(settings, root: Path) -> dict:
     from orchestrator.submit import submit_invert
     from tests.orchestrator.conftest import create_only, invert_args
-    from workers.ml.m3fd import write_synthetic
-    from workers.ml.sd import write_tiny_sd
+    from workers.fixtures.m3fd import write_synthetic
+    from workers.fixtures.tiny_sd import write_tiny_sd
     from workers.tasks.invert import invert_work
 
     data, model = root / "m3fd", write_tiny_sd(root / "tiny-sd")

@@ -163,9 +163,10 @@ def run_loading(parts, data: Path, size: int, batch: int, cfg, overlap: bool, cu
 def cpu_main(args) -> list[dict]:
     import torch
 
+    from workers.fixtures.m3fd import write_synthetic
+    from workers.fixtures.tiny_sd import write_tiny_sd
     from workers.ml.inversion import make_config
-    from workers.ml.m3fd import write_synthetic
-    from workers.ml.sd import load_sd, write_tiny_sd
+    from workers.ml.sd import load_sd
 
     torch.set_num_threads(1)
     size, batch = 64, args.batch or 8
@@ -264,8 +265,8 @@ def gpu_throughput(parts, cfg, batch: int, iters: int) -> float:
 def gpu_main(args) -> list[dict]:
     import torch
 
+    from workers.fixtures.m3fd import write_synthetic
     from workers.ml.inversion import make_config
-    from workers.ml.m3fd import write_synthetic
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

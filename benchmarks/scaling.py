@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from orchestrator.demo import local_workers
     from shared.db import ensure_schema
-    from workers.ml.m3fd import write_synthetic
-    from workers.ml.sd import write_tiny_sd
+    from workers.fixtures.m3fd import write_synthetic
+    from workers.fixtures.tiny_sd import write_tiny_sd
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="orch-bench-scaling-") as tmp:

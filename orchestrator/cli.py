@@ -184,16 +184,16 @@ def cmd_fixtures(args, settings: Settings) -> int:
 
     out = Path(args.out)
     if args.what == "m3fd":
-        from workers.ml.m3fd import write_synthetic
+        from workers.fixtures.m3fd import write_synthetic
 
         ids = write_synthetic(out, args.pairs, width=args.width, height=args.height, seed=args.seed)
         _print(f"wrote {len(ids)} synthetic pairs in the flat M3FD layout to {out}")
     elif args.what == "tiny-sd":
-        from workers.ml.sd import write_tiny_sd
+        from workers.fixtures.tiny_sd import write_tiny_sd
 
         _print(f"wrote a tiny randomly initialised SD model to {write_tiny_sd(out, seed=args.seed)}")
     else:
-        from workers.ml.mnist import write_fixture
+        from workers.fixtures.mnist import write_fixture
 
         _print(f"wrote MNIST IDX files (real digits) to {write_fixture(out)}")
     return C.EXIT_OK

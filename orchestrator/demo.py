@@ -87,8 +87,8 @@ def run_demo(settings: Settings, workers: int = 2, pairs: int = 32, shards: int 
     """The main job (invert, 16 shards) end to end; with `full`, also the translator and the NCSN pipelines, tiny."""
     from orchestrator import queries, submit
     from orchestrator.output import table
-    from workers.ml.m3fd import write_synthetic
-    from workers.ml.sd import write_tiny_sd
+    from workers.fixtures.m3fd import write_synthetic
+    from workers.fixtures.tiny_sd import write_tiny_sd
 
     settings.ensure_local_folders()
     ensure_schema(settings)

@@ -144,9 +144,9 @@ def cancel(settings: Settings, job_id: str) -> str:
 def resume(settings: Settings, job_id: str, failed_only: bool = False) -> int:
     """Re-enqueue only the unfinished shards of a cancelled, failed or stuck job (done shards are kept).
 
-    Like `submit`: the broker is checked before anything changes, the job reads `queued` until one of its shards
-    starts (`running` while a shard still holds a lease), and a publish that fails leaves it cancelled, with the
-    error saying so, rather than half-published for a reaper to pick up later."""
+    Like `submit`: the broker is checked before anything changes, a job that never started reads `queued` until one
+    of its shards starts, and a publish that fails leaves it cancelled, with the error saying so, rather than
+    half-published for a reaper to pick up later."""
     from workers.dispatch import broker_problem
 
     job = get_job(settings, job_id)
@@ -168,14 +168,14 @@ def resume(settings: Settings, job_id: str, failed_only: bool = False) -> int:
         failed = s.execute(
             select(Shard.index).where(Shard.job_id == job_id, Shard.state == ShardState.FAILED)
         ).scalars().all()
-        running = s.execute(
-            select(Shard.id).where(Shard.job_id == job_id, Shard.state == ShardState.RUNNING).limit(1)
-        ).first()
+        # a job that never started (its submission failed to publish) waits as `queued` until a shard starts; one
+        # that ran before is `running` again (workers that claimed its shards remember it started, and claim its
+        # next shards without touching the job row: bookkeeping.claim_shard)
         s.execute(
             update(Job)
             .where(Job.id == job_id)
-            .values(state=(JobState.RUNNING if running else JobState.QUEUED).value, finished_at=None, error=None,
-                    shards_failed=len(failed))
+            .values(state=(JobState.RUNNING if job.started_at is not None else JobState.QUEUED).value,
+                    finished_at=None, error=None, shards_failed=len(failed))
         )
     try:
         n = enqueue_shards(settings, job_id)

@@ -135,14 +135,14 @@ def backend(request, tmp_path) -> Settings:
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
-    from workers.ml.sd import write_tiny_sd
+    from workers.fixtures.tiny_sd import write_tiny_sd
 
     return write_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
 @pytest.fixture(scope="session")
 def m3fd_small(tmp_path_factory) -> Path:
-    from workers.ml.m3fd import write_synthetic
+    from workers.fixtures.m3fd import write_synthetic
 
     out = tmp_path_factory.mktemp("data") / "m3fd"
     write_synthetic(out, 20)

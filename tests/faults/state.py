@@ -62,7 +62,7 @@ class Inputs:
     model: Path
 
     def data(self, pairs: int) -> Path:
-        from workers.ml.m3fd import write_synthetic
+        from workers.fixtures.m3fd import write_synthetic
 
         out = self.root / f"m3fd-{pairs}"
         if not (out / "Vis").is_dir():
@@ -74,7 +74,7 @@ class Inputs:
 
 
 def make_inputs(root: Path, model: Path | None = None) -> Inputs:
-    from workers.ml.sd import write_tiny_sd
+    from workers.fixtures.tiny_sd import write_tiny_sd
 
     root.mkdir(parents=True, exist_ok=True)
     if model is None:

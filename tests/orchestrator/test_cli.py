@@ -61,7 +61,7 @@ def test_retry_failed_reruns_only_failed_shards(home, capsys, tmp_path, tiny_sd)
     from shared.db import session_scope
     from shared.models import Shard
     from tests.orchestrator.conftest import create_only, invert_args
-    from workers.ml.m3fd import write_synthetic
+    from workers.fixtures.m3fd import write_synthetic
     from workers.runner import run_shard
     from workers.tasks.invert import invert_work
 

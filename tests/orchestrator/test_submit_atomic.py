@@ -83,7 +83,7 @@ def test_publish_failure_after_rows_cancels_the_job(embedded, monkeypatch):
     assert _messages(embedded) == 0  # nothing will run it
     monkeypatch.undo()
     assert jobs.resume(embedded, job_id) == 3 and _messages(embedded) == 3
-    # resumed, it waits as `queued` (no shard has started): a shard's claim makes it `running`
+    # resumed, it waits as `queued` (none of its shards ever started): a shard's claim makes it `running`
     assert jobs.get_job(embedded, job_id).state == "queued"
 
 

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def m3fd_96(tmp_path_factory) -> Path:
-    from workers.ml.m3fd import write_synthetic
+    from workers.fixtures.m3fd import write_synthetic
 
     out = tmp_path_factory.mktemp("data") / "m3fd96"
     write_synthetic(out, 96, seed=1)

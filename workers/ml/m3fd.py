@@ -1,4 +1,5 @@
-"""M3FD visible/infrared pairs: discovery, validation, the seeded train/test split, loading, synthetic data.
+"""M3FD visible/infrared pairs: discovery, validation, the seeded train/test split, loading (synthetic pairs in
+the same layout: workers/fixtures/m3fd.py).
 
 Layouts (docs/background.md s.2, TarDAL's README):
 
@@ -12,24 +13,6 @@ A Vis image's partner is the Ir image with the same stem (its extension may diff
 An entry with an image suffix that is not a regular file (a dangling symlink, a symlink loop, a FIFO, a device, a
 folder, a link into /proc, /sys or /dev) is never skipped silently: it is an error naming it, or, when the caller
 collects rejections (``--skip-bad``), its pair is rejected with the reason.
-
-Synthetic data (``write_synthetic``) imitates the flat layout with 4:3 images whose infrared image is a FIXED,
-documented function of the visible scene, so a translator can learn RGB -> IR on it:
-
-1. Background. A horizon row ``h`` is drawn uniformly in [0.35, 0.65] * height. Sky rows (y < h) blend from
-   ``sky_top`` to ``sky_bottom``, ground rows from ``ground_top`` to ``ground_bottom`` (random colours: blue-ish sky,
-   green/brown ground). Background temperature: sky ``T = 0.05``; ground ``T = 0.25 + 0.15 * (y - h) / (H - h)``
-   (ground warms towards the camera).
-2. Objects. 3-6 axis-aligned rectangles and discs of random size, position and colour ``(r, g, b)`` in [0, 1]
-   are painted in order (later ones on top). Each object's temperature is a function of its colour,
-   ``T = clip(0.55 + 0.45 * (r - b), 0, 1)``: red objects are hot (people, engines), blue ones cold (glass,
-   water), so temperature is visible in RGB.
-3. The visible image is the painted colours (no noise). Its luminance is ``L = 0.299 R + 0.587 G + 0.114 B``.
-4. The infrared image is ``IR = 255 * clip(0.2 + 0.6 * T + 0.2 * (1 - L), 0, 1)`` (hot objects bright, dark
-   surfaces slightly warmer), blurred with a 7x7 Gaussian of sigma 1.5 px (heat diffuses; IR optics are soft)
-   and rounded to uint8.
-
-``Annotation/<stem>.xml`` is a minimal Pascal-VOC file with the first object's box and an M3FD class name.
 """
 
 from __future__ import annotations
@@ -37,7 +20,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import cv2
 import numpy as np
@@ -294,110 +276,3 @@ def load_image_pair(
     rgb_t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
     ir01 = torch.from_numpy(np.ascontiguousarray(ir))[None].repeat(3, 1, 1)
     return rgb_t * 2.0 - 1.0, ir01 * 2.0 - 1.0, ir01
-
-
-# -- synthetic data --------------------------------------------------------------------------------------------------
-
-
-def ir_from_scene(rgb01: np.ndarray, temperature: np.ndarray) -> np.ndarray:
-    """The synthetic infrared image (H, W) uint8 of a scene: rgb01 (H, W, 3) in [0, 1], temperature (H, W) in [0, 1].
-
-    ``IR = 255 * clip(0.2 + 0.6 * T + 0.2 * (1 - L), 0, 1)``, L the Rec.601 luminance, then a 7x7 Gaussian blur
-    of sigma 1.5 px (see the module docstring).
-    """
-    lum = rgb01[..., 0] * 0.299 + rgb01[..., 1] * 0.587 + rgb01[..., 2] * 0.114
-    ir = np.clip(0.2 + 0.6 * temperature + 0.2 * (1.0 - lum), 0.0, 1.0).astype(np.float32)
-    ir = cv2.GaussianBlur(ir, (7, 7), sigmaX=1.5, sigmaY=1.5, borderType=cv2.BORDER_REFLECT)
-    return np.clip(np.rint(ir * 255.0), 0, 255).astype(np.uint8)
-
-
-def make_scene(
-    rng: np.random.Generator, width: int, height: int
-) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int, str]]:
-    """A random scene: (rgb01 (H, W, 3) float32 in [0, 1], temperature (H, W) float32, first object's box).
-
-    The box is (xmin, ymin, xmax, ymax, class name) in pixels. See the module docstring for the construction.
-    """
-    ys = np.arange(height, dtype=np.float32)[:, None]
-    horizon = int(rng.uniform(0.35, 0.65) * height)
-    sky_top, sky_bottom = (
-        rng.uniform([0.2, 0.4, 0.7], [0.5, 0.7, 1.0]),
-        rng.uniform([0.6, 0.7, 0.8], [0.9, 0.9, 1.0]),
-    )
-    ground_top, ground_bottom = (
-        rng.uniform([0.2, 0.3, 0.1], [0.5, 0.6, 0.3]),
-        rng.uniform([0.3, 0.2, 0.1], [0.6, 0.4, 0.2]),
-    )
-    a_sky = np.clip(ys / max(horizon, 1), 0, 1)[..., None]  # (H, 1, 1)
-    a_gnd = np.clip((ys - horizon) / max(height - horizon, 1), 0, 1)[..., None]
-    sky = (1 - a_sky) * sky_top + a_sky * sky_bottom
-    ground = (1 - a_gnd) * ground_top + a_gnd * ground_bottom
-    is_sky = (ys < horizon)[..., None]
-    rgb = np.where(is_sky, sky, ground) * np.ones((1, width, 1), dtype=np.float32)  # (H, W, 3)
-    temp = np.where(ys < horizon, 0.05, 0.25 + 0.15 * a_gnd[..., 0]) * np.ones((1, width), dtype=np.float32)
-    rgb, temp = rgb.astype(np.float32), temp.astype(np.float32)
-
-    yy, xx = np.mgrid[0:height, 0:width]
-    first_box = None
-    for _ in range(int(rng.integers(3, 7))):
-        colour = rng.uniform(0.0, 1.0, size=3)
-        t_obj = float(np.clip(0.55 + 0.45 * (colour[0] - colour[2]), 0.0, 1.0))
-        w = int(rng.integers(max(2, width // 10), max(3, width // 3)))
-        h = int(rng.integers(max(2, height // 10), max(3, height // 3)))
-        x0, y0 = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
-        if rng.uniform() < 0.5:
-            mask = (xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < y0 + h)
-        else:
-            cx, cy, r = x0 + w / 2, y0 + h / 2, min(w, h) / 2
-            mask = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r**2
-        rgb[mask] = colour.astype(np.float32)
-        temp[mask] = t_obj
-        if first_box is None:
-            first_box = (x0, y0, x0 + w - 1, y0 + h - 1, M3FD_CLASSES[int(rng.integers(len(M3FD_CLASSES)))])
-    return rgb, temp, first_box
-
-
-def _voc_xml(stem: str, width: int, height: int, box: tuple[int, int, int, int, str]) -> str:
-    x0, y0, x1, y1, name = box
-    return (
-        "<annotation>\n"
-        f"  <filename>{escape(stem)}.png</filename>\n"
-        f"  <size><width>{width}</width><height>{height}</height><depth>3</depth></size>\n"
-        f"  <object><name>{escape(name)}</name><difficult>0</difficult>\n"
-        f"    <bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox>\n"
-        "  </object>\n"
-        "</annotation>\n"
-    )
-
-
-def write_synthetic(
-    out: str | Path, n_pairs: int, width: int = 128, height: int = 96, seed: int = 0
-) -> list[str]:
-    """Write ``n_pairs`` synthetic pairs in the flat M3FD layout under ``out``; return their pair ids (stems).
-
-    Files: ``out/Vis/00000.png`` (colour), ``out/Ir/00000.png`` (8-bit grey), ``out/Annotation/00000.xml``.
-    Pair i's scene is drawn from ``numpy.random.default_rng([seed, i])``, so a pair does not depend on
-    ``n_pairs``; its IR image is the fixed function of the scene described in the module docstring.
-    """
-    if n_pairs < 1 or width < 16 or height < 16:
-        raise UserError(
-            f"synthetic dataset needs n_pairs >= 1 and images of at least 16x16 px, got {n_pairs} of {width}x{height}"
-        )
-    out = Path(out)
-    dirs = {name: out / name for name in ("Vis", "Ir", "Annotation")}
-    for d in dirs.values():
-        d.mkdir(parents=True, exist_ok=True)
-    ids = []
-    for i in range(n_pairs):
-        stem = f"{i:05d}"
-        rgb, temp, box = make_scene(np.random.default_rng([seed, i]), width, height)
-        ir = ir_from_scene(rgb, temp)
-        bgr8 = np.clip(np.rint(rgb[..., ::-1] * 255.0), 0, 255).astype(np.uint8)
-        if not (
-            cv2.imwrite(str(dirs["Vis"] / f"{stem}.png"), bgr8)
-            and cv2.imwrite(str(dirs["Ir"] / f"{stem}.png"), ir)
-        ):
-            raise UserError(f"cannot write images under '{out}': check that the folder is writable")
-        (dirs["Annotation"] / f"{stem}.xml").write_text(_voc_xml(stem, width, height, box))
-        ids.append(stem)
-    return ids

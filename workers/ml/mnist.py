@@ -227,59 +227,6 @@ def check_source(source: str, splits: tuple[str, ...] = ("train",)) -> None:
                 )
 
 
-def write_idx(
-    out_dir: str | Path,
-    images: np.ndarray,
-    labels: np.ndarray,
-    prefix: Literal["train", "t10k"],
-    gzip: bool = False,
-) -> tuple[Path, Path]:
-    """Write images (N, H, W) uint8 and labels (N,) as ``{prefix}-images-idx3-ubyte`` / ``-labels-idx1-ubyte``.
-
-    With ``gzip`` the files get a ``.gz`` suffix. Returns (images_path, labels_path).
-    """
-    if prefix not in ("train", "t10k"):
-        raise ValueError(f"prefix must be 'train' or 't10k', got {prefix!r}")
-    images = np.asarray(images)
-    labels = np.asarray(labels)
-    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"need images (N, H, W) and labels (N,), got {images.shape} and {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() > 255):
-        raise ValueError("labels must fit in an unsigned byte")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = ".gz" if gzip else ""
-    paths = []
-    for name, magic, arr in (
-        (f"{prefix}-images-idx3-ubyte", IMAGES_MAGIC, images),
-        (f"{prefix}-labels-idx1-ubyte", LABELS_MAGIC, labels),
-    ):
-        header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
-        payload = header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
-        path = out / (name + suffix)
-        # mtime=0 keeps .gz output byte-identical across runs
-        path.write_bytes(_gzip.compress(payload, mtime=0) if gzip else payload)
-        paths.append(path)
-    return paths[0], paths[1]
-
-
-def write_fixture(out: str | Path, n_train: int = 4000, n_test: int = 1000, gzip: bool = False) -> Path:
-    """Write an MNIST IDX folder made of real embedded digits: the first ``n_train`` of the embedded train split
-    as train-*, the first ``n_test`` of its test split as t10k-* (both class-balanced prefixes). Returns ``out``.
-    """
-    max_train = 10 * EMBEDDED_TRAIN_PER_CLASS
-    max_test = 10 * EMBEDDED_TEST_PER_CLASS
-    if not 0 < n_train <= max_train or not 0 < n_test <= max_test:
-        raise UserError(
-            f"MNIST fixture sizes must be 1..{max_train} train and 1..{max_test} test digits, got {n_train}/{n_test}"
-        )
-    out = Path(out)
-    for split, n in (("train", n_train), ("test", n_test)):
-        images, labels = load_mnist(EMBEDDED, split)
-        write_idx(out, images[:n], labels[:n], IDX_PREFIX[split], gzip=gzip)  # type: ignore[arg-type]
-    return out
-
-
 def to_tensor(images: np.ndarray, scale: Literal["zero_one", "minus_one_one"] = "zero_one") -> torch.Tensor:
     """uint8 images (N, H, W) -> float32 tensor (N, 1, H, W) in [0, 1] ("zero_one", NCSN) or [-1, 1] (the seed)."""
     if scale not in ("zero_one", "minus_one_one"):

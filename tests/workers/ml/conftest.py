@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.ml.m3fd import write_synthetic
-from workers.ml.sd import SDParts, load_sd, write_tiny_sd
+from workers.fixtures.m3fd import write_synthetic
+from workers.fixtures.tiny_sd import write_tiny_sd
+from workers.ml.sd import SDParts, load_sd
 
 
 @contextmanager

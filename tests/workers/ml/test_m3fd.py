@@ -9,16 +9,8 @@ import pytest
 import torch
 
 from shared.errors import UserError
-from workers.ml.m3fd import (
-    Pair,
-    check_image,
-    find_pairs,
-    ir_from_scene,
-    load_image_pair,
-    make_scene,
-    split_pairs,
-    write_synthetic,
-)
+from workers.fixtures.m3fd import ir_from_scene, make_scene, write_synthetic
+from workers.ml.m3fd import Pair, check_image, find_pairs, load_image_pair, split_pairs
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:

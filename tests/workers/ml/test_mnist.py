@@ -11,6 +11,7 @@ import torch
 
 from shared.errors import UserError
 from tests.workers.ml._mnist_fixtures import embedded
+from workers.fixtures import mnist as fixture_mnist
 from workers.ml import mnist
 
 
@@ -43,7 +44,7 @@ def test_embedded_labels_are_the_last_csv_column() -> None:
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_idx_round_trip(tmp_path: Path, gz: bool) -> None:
-    out = mnist.write_fixture(tmp_path / "mnist", n_train=50, n_test=20, gzip=gz)
+    out = fixture_mnist.write_fixture(tmp_path / "mnist", n_train=50, n_test=20, gzip=gz)
     suffix = ".gz" if gz else ""
     assert (out / f"train-images-idx3-ubyte{suffix}").is_file()
     assert (out / f"t10k-labels-idx1-ubyte{suffix}").is_file()
@@ -58,7 +59,7 @@ def test_idx_round_trip(tmp_path: Path, gz: bool) -> None:
 
 def test_write_idx_header_is_standard(tmp_path: Path) -> None:
     images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    img_path, lbl_path = mnist.write_idx(tmp_path, images, np.array([7, 1]), "train")
+    img_path, lbl_path = fixture_mnist.write_idx(tmp_path, images, np.array([7, 1]), "train")
     raw = img_path.read_bytes()
     assert raw[:16] == bytes([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 4])
     assert raw[16:] == images.tobytes()
@@ -66,7 +67,7 @@ def test_write_idx_header_is_standard(tmp_path: Path) -> None:
 
 
 def test_dotted_file_names_are_accepted(tmp_path: Path) -> None:
-    mnist.write_fixture(tmp_path, n_train=10, n_test=10)
+    fixture_mnist.write_fixture(tmp_path, n_train=10, n_test=10)
     (tmp_path / "train-images-idx3-ubyte").rename(tmp_path / "train-images.idx3-ubyte")
     (tmp_path / "train-labels-idx1-ubyte").rename(tmp_path / "train-labels.idx1-ubyte")
     x, y = mnist.load_mnist(str(tmp_path), "train")
@@ -74,7 +75,7 @@ def test_dotted_file_names_are_accepted(tmp_path: Path) -> None:
 
 
 def test_gzipped_content_without_gz_suffix_is_read(tmp_path: Path) -> None:
-    mnist.write_fixture(tmp_path, n_train=10, n_test=10, gzip=True)
+    fixture_mnist.write_fixture(tmp_path, n_train=10, n_test=10, gzip=True)
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
         (tmp_path / f"{name}.gz").rename(tmp_path / name)
     x, _ = mnist.load_mnist(str(tmp_path), "train")
@@ -82,7 +83,7 @@ def test_gzipped_content_without_gz_suffix_is_read(tmp_path: Path) -> None:
 
 
 def test_bad_magic_names_the_file(tmp_path: Path) -> None:
-    mnist.write_fixture(tmp_path, n_train=10, n_test=10)
+    fixture_mnist.write_fixture(tmp_path, n_train=10, n_test=10)
     # swap: a label file where the images should be
     bad = tmp_path / "train-images-idx3-ubyte"
     bad.write_bytes((tmp_path / "train-labels-idx1-ubyte").read_bytes())
@@ -94,7 +95,7 @@ def test_bad_magic_names_the_file(tmp_path: Path) -> None:
 
 
 def test_truncated_and_corrupt_gzip_files_name_the_file(tmp_path: Path) -> None:
-    mnist.write_fixture(tmp_path, n_train=10, n_test=10)
+    fixture_mnist.write_fixture(tmp_path, n_train=10, n_test=10)
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(UserError, match="train-images-idx3-ubyte.*needs"):
@@ -106,9 +107,9 @@ def test_truncated_and_corrupt_gzip_files_name_the_file(tmp_path: Path) -> None:
 
 
 def test_image_label_count_mismatch(tmp_path: Path) -> None:
-    mnist.write_fixture(tmp_path, n_train=10, n_test=10)
+    fixture_mnist.write_fixture(tmp_path, n_train=10, n_test=10)
     x, y = embedded("test")
-    img7, _ = mnist.write_idx(tmp_path / "other", x[:7], y[:7], "train")
+    img7, _ = fixture_mnist.write_idx(tmp_path / "other", x[:7], y[:7], "train")
     (tmp_path / "train-images-idx3-ubyte").write_bytes(img7.read_bytes())  # 7 images, 10 labels
     with pytest.raises(UserError, match="disagree"):
         mnist.load_mnist(str(tmp_path), "train")
@@ -131,12 +132,12 @@ def test_missing_sources_and_files(tmp_path: Path) -> None:
 
 def test_fixture_size_limits(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="4000"):
-        mnist.write_fixture(tmp_path, n_train=4001)
+        fixture_mnist.write_fixture(tmp_path, n_train=4001)
 
 
 def test_gzip_output_is_deterministic(tmp_path: Path) -> None:
-    a = mnist.write_fixture(tmp_path / "a", n_train=10, n_test=10, gzip=True)
-    b = mnist.write_fixture(tmp_path / "b", n_train=10, n_test=10, gzip=True)
+    a = fixture_mnist.write_fixture(tmp_path / "a", n_train=10, n_test=10, gzip=True)
+    b = fixture_mnist.write_fixture(tmp_path / "b", n_train=10, n_test=10, gzip=True)
     for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         assert (a / name).read_bytes() == (b / name).read_bytes()
     assert gzip.decompress((a / "train-labels-idx1-ubyte.gz").read_bytes())[:4] == bytes([0, 0, 8, 1])
