@@ -145,10 +145,47 @@ def current_revision(url: str) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+@functools.cache
+def head_revision() -> str:
+    """The newest migration's revision id, read from the scripts' `revision` / `down_revision` lines (no Alembic
+    import: a CLI query on an up-to-date database should not pay for it)."""
+    import re
+
+    revs, downs = set(), set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        text = path.read_text()
+        rev = re.search(r"^revision\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+        down = re.search(r"^down_revision\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+        if rev:
+            revs.add(rev.group(1))
+        if down:
+            downs.add(down.group(1))
+    heads = revs - downs
+    if len(heads) != 1:
+        raise RuntimeError(f"the migrations have {len(heads)} heads ({sorted(heads)}): merge them")
+    return heads.pop()
+
+
+def _at_head(url: str) -> bool:
+    """Whether the database already records the newest migration (False on any doubt: Alembic then decides)."""
+    from sqlalchemy import text
+
+    try:
+        with get_engine(url).connect() as conn:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head_revision()
+    except Exception:
+        return False
+
+
 def ensure_schema(settings: Settings) -> None:
-    """Upgrade the embedded SQLite DB on first use; a server DB must be upgraded explicitly (`orchestrator db upgrade`)."""
+    """Upgrade the embedded SQLite DB on first use; a server DB must be upgraded explicitly (`orchestrator db upgrade`).
+
+    An embedded database already at the newest revision is recognised with one query, without loading Alembic."""
     url = settings.database_url
     if url in _upgraded:
+        return
+    if settings.is_sqlite and _at_head(url):
+        _upgraded.add(url)
         return
     if settings.is_sqlite:
         try:
