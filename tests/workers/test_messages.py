@@ -74,6 +74,16 @@ def test_every_kind_routes_to_a_known_queue(embedded):
     assert set(queues.values()) <= set(C.QUEUES)
     assert queues[C.KIND_INVERT] == C.QUEUE_GPU and queues[C.KIND_BENCH] == C.QUEUE_CPU
     assert queues[C.KIND_TRAIN_NCSN] == C.QUEUE_TRAIN
+    # every job kind has a task, and every task the workers register has an explicit route: a task without one
+    # would silently land on Celery's default queue, which no worker consumes
+    from workers.dispatch import get_app
+
+    assert set(C.JOB_KINDS) | {C.KIND_BENCH} <= set(C.TASK_FOR_KIND)
+    app = get_app(embedded)
+    app.loader.import_default_modules()
+    ours = {name for name in app.tasks if not name.startswith("celery.")}
+    routes = app.conf.task_routes
+    assert ours and all(name in routes and routes[name]["queue"] in C.QUEUES for name in ours), (ours, routes)
 
 
 def test_large_submissions_publish_without_sent_events(embedded, monkeypatch):
