@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -27,6 +28,10 @@ RDZV_PORT = 29400
 #: The run: 2 ranks x 16 samples a step, 256 samples -> 8 steps an epoch, 3 epochs; a checkpoint every 2 steps.
 TRAIN = {"epochs": 3, "batch_size": 16, "seed": 0, "log_every": 1, "checkpoint_every": 2, "device": "cpu",
          "data": "mnist:embedded", "max_train_samples": 256, "preset": "ncsn", "base_channels": 8, "lr": 1e-3}
+
+
+#: torch's log line prefix, e.g. "I1202 14:02:31.345000 18625 torch/...": level, month and day, time of day.
+_STAMP = re.compile(r"^[IWE]\d{4} (\d\d):(\d\d):(\d\d(?:\.\d+)?) ")
 
 
 def _sha(path: Path) -> str:
@@ -64,13 +69,21 @@ class Agent:
         config = self.folder / "config.json"
         config.write_text(json.dumps(cfg))
         host = h.fabric.hosts[role]
+        # is_host: the c10d rendezvous backend hosts its store only where the endpoint matches this machine's
+        # host name or one of its addresses. Every namespace shares the machine's host name, which /etc/hosts
+        # maps to 127.0.0.1 only, so without the flag no agent matched 10.213.0.x: none hosted the store and
+        # both timed out connecting to it. --local-addr is what each agent advertises for the same reason.
+        # GLOO_SOCKET_IFNAME: the node's veth end is named eth0 inside its namespace (netns.py, Fabric.plug).
         argv = host.exec(sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                          "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}:{RDZV_PORT}", f"--rdzv-id={run_id}",
                          f"--local-addr={host.addr}", f"--rdzv-conf=is_host={int(host.addr == endpoint)}",
                          "--max-restarts=0", "-m", "workers.train.ncsn",
                          "--config", str(config))
-        env = {**h.worker_env(role), "GLOO_SOCKET_IFNAME": "eth0", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"}
+        # LOGLEVEL=INFO: the agent logs when it starts the rendezvous and when it is complete (Agent.rendezvous)
+        env = {**h.worker_env(role), "GLOO_SOCKET_IFNAME": "eth0", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5",
+               "LOGLEVEL": "INFO"}
         self.log = self.folder / "torchrun.log"
+        self.launched = time.time()  # wall clock, as the events' "time"
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen(argv, env=env, cwd=cl.REPO, stdout=fh, stderr=subprocess.STDOUT,
                                          start_new_session=True)
@@ -80,6 +93,18 @@ class Agent:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def rendezvous(self) -> float | None:
+        """Seconds from the agent starting the c10d rendezvous to its completion (None: not
+        logged), from the time stamps of torch's own log lines."""
+        times = {}
+        for line in self.text().splitlines():
+            for key, needle in (("join", "Rendezvous'ing worker group"), ("joined", "Rendezvous complete")):
+                if key not in times and needle in line and (m := _STAMP.match(line)):
+                    times[key] = int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+        if len(times) < 2:
+            return None
+        return (times["joined"] - times["join"]) % 86400  # across midnight too
 
 
 def _store(ctx: Context, agents: list[Agent], stored: dict[int, str]) -> None:
@@ -114,6 +139,7 @@ def multinode_ddp(ctx: Context, a: str = "w1", b: str = "w3", spare: str = "w2")
         if any(ag.proc.poll() is not None for ag in first):
             raise AssertionError("an agent exited before the kill:\n" + "\n".join(ag.text()[-2000:] for ag in first))
         starts = [e for ag in first for e in ag.ev() if e.get("event") == "start"]
+        step_at_kill = max((e["step"] for ag in first for e in ag.ev() if e.get("event") == "progress"), default=0)
         t_kill = time.monotonic()
         killed = h.fabric.kill_host(b)
         try:  # the survivor's rank loses its peer and fails (gloo), and its agent ends the run
@@ -148,8 +174,16 @@ def multinode_ddp(ctx: Context, a: str = "w1", b: str = "w3", spare: str = "w2")
     res.faults += f" ({killed} processes)"
     res.lost = 0 if done is not None else 1
     res.duplicated = 0
-    res.figures["rendezvous"] = f"c10d at {endpoint}:{RDZV_PORT}, world size {starts[0].get('world_size')}"
-    res.figures["killed at step"] = str(last)
+    # launch to the start event: agents start, meet, start their ranks, which load the data (rank 0 logs it)
+    ready = [f"{e['time'] - ag.launched:.0f} s" for ag in first + second for e in ag.ev()
+             if e.get("event") == "start"]
+    # the rendezvous lasts until the last agent arrives: the longest wait of the two agents
+    joined = [max((t for ag in agents if (t := ag.rendezvous()) is not None), default=None)
+              for agents in (first, second)]
+    res.figures["rendezvous"] = (f"c10d at {endpoint}:{RDZV_PORT}, world size {starts[0].get('world_size')}, "
+                                 f"joined in {' / '.join('?' if t is None else f'{t:.1f} s' for t in joined)}, "
+                                 f"training started {' / '.join(ready)} after launch (attempt 1 / 2)")
+    res.figures["killed at step"] = f"{step_at_kill} (resumed from the last stored checkpoint, step {last})"
     res.figures["survivor's agent ended after"] = f"{t_down:.1f} s"
     res.figures["checkpoint steps"] = ",".join(map(str, steps))
     res.figures["run wall time (both attempts)"] = f"{t_total:.1f} s"

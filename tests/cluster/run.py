@@ -26,7 +26,8 @@ def _ddp(ctx: sc.Context) -> sc.Result:
 
 
 SCENARIOS["ddp"] = _ddp
-#: Run by default (`make cluster`): "ddp" runs only when named, see docs/cluster.md (not yet passing).
+#: Run by default (`make cluster`): "ddp" runs only when named (two torchrun launches, 2-3 more minutes at
+#: load 5-11; docs/cluster.md). The pytest module runs it too.
 DEFAULT = ("spread", "partition", "node-loss", "netem")
 
 

@@ -75,8 +75,6 @@ def test_latency_and_loss(session) -> None:
     _check(session.run("netem"))
 
 
-@pytest.mark.skip(reason="not yet passing: inside the namespaces the agent at the c10d endpoint did not host the "
-                  "store (both agents timed out connecting to it); see docs/cluster.md")
 def test_multinode_ddp_survives_a_node_kill(session) -> None:
     _check(session.run("ddp"))
 
