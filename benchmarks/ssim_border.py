@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="64,512")
     p.add_argument("--n", type=int, default=8, help="scenes per size")
+    p.add_argument("--quick", action="store_true", help="64 px, 2 scenes: checks the code path only")
     args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.n = "64", 2
     print(machine())
     print(f"{'size':>5} {'prediction':<16} {'torchmetrics':>13} {'valid window':>13} {'difference':>11}")
     with tempfile.TemporaryDirectory(prefix="ssim-border-") as tmp:
