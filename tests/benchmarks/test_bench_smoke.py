@@ -193,6 +193,43 @@ def test_ncsn_in_place_sampler_matches_the_worker_update():
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
+def test_ssim_border_conventions(capsys):
+    """Identical images score 1 under both conventions; the valid-window mean is the map without its 5 px border."""
+    import torch
+
+    from benchmarks import ssim_border
+
+    a = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    whole, valid = ssim_border.both_ssims(a, a)
+    assert torch.allclose(whole, torch.ones(2), atol=1e-5) and torch.allclose(valid, torch.ones(2), atol=1e-5)
+    b = (a + 0.2 * torch.rand(a.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from workers.ml.image_metrics import psnr_ssim
+
+    whole, valid = ssim_border.both_ssims(b, a)
+    assert torch.allclose(whole, psnr_ssim(b, a)[1], atol=1e-6)  # the figure the eval jobs report
+    _, full = structural_similarity_index_measure(b, a, data_range=1.0, reduction="none", return_full_image=True)
+    assert torch.allclose(valid, full[..., 5:27, 5:27].mean(dim=(1, 2, 3)))
+    assert ssim_border.main(["--quick"]) == 0
+    assert "RGB luminance" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_translator_quality_quick_learns(tmp_path, capsys):
+    """invert -> train-translator -> eval-translator through worker processes; the held-out loss falls."""
+    from benchmarks import translator_quality
+
+    out = tmp_path / "t.json"
+    assert translator_quality.main(["--quick", "--json", str(out)]) == 0
+    recs = json.loads(out.read_text())
+    assert [r["protocol"] for r in recs] == ["honest", "seed"]
+    r = recs[0]
+    assert r["n_train"] + r["n_test"] == 20 and r["epochs"] == 6
+    assert r["val_loss_last"] < 0.8 * r["val_loss_first"]
+    assert "latent MSE per epoch" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_script_without_gpu(tmp_path):
     import torch

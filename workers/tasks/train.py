@@ -102,12 +102,12 @@ def hold_lease(s: Session, settings: Settings, shard_id: int, owner: str) -> Non
         raise bk.LeaseLost(f"lease on shard {shard_id} was taken over: nothing of {owner} is recorded")
 
 
-def translator_data(s: Session, storage: Storage, invert_job: str) -> dict[str, Any]:
-    """The train rows of an invert job: {"files": [shard file paths], "rows": [[file_idx, position], ...]}."""
+def translator_data(s: Session, storage: Storage, invert_job: str, split: str = "train") -> dict[str, Any]:
+    """The rows of one split of an invert job: {"files": [shard file paths], "rows": [[file_idx, position], ...]}."""
     rows = s.execute(
         select(Item.position, Artifact.uri)
         .join(Artifact, Artifact.id == Item.artifact_id)
-        .where(Item.job_id == invert_job, Item.split == "train")
+        .where(Item.job_id == invert_job, Item.split == split)
         .order_by(Item.pair_id)
     ).all()
     files: list[str] = []
@@ -131,6 +131,9 @@ def build_config(ctx: ShardContext, run_dir: Path, attempt_events: Path) -> dict
     with session_scope(ctx.settings) as s:
         if ctx.kind == C.KIND_TRAIN_TRANSLATOR:
             cfg["data"] = translator_data(s, ctx.storage, spec["latents"])
+            val = translator_data(s, ctx.storage, spec["latents"], "test")  # per-epoch held-out loss
+            if val["rows"]:
+                cfg["val_data"] = val
         cfg["resume_from"] = resume_checkpoint(s, ctx.storage, ctx.job_id)
     return cfg
 

@@ -10,7 +10,8 @@ to (one object per line, flushed and fsynced). Events, all with "event" and "tim
 
     start       world_size, device, epoch, step, total_steps, steps_per_epoch, epochs, resumed_from, pids
     progress    epoch, step, total_steps, loss, samples_per_s, lr                  (every log_every steps)
-    metric      name, value, step, epoch                     ("loss_epoch" at each epoch end, job metrics)
+    metric      name, value, step, epoch     ("loss_epoch" at each epoch end, the entry point's ``on_epoch_end``
+                                               metrics such as the translator's "val_loss_epoch", job metrics)
     checkpoint  path, step, epoch, step_in_epoch, sha256, bytes, reason (interval | epoch | signal | final)
     stopped     reason (signal | fenced), step, epoch, step_in_epoch, checkpoint (latest checkpoint path, or null)
                 message (fenced: why the attempt no longer holds its lease)
@@ -207,6 +208,7 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self.epoch_sums = _Sums()
         self.metrics: dict[str, float] = {}
+        self.on_epoch_end: Callable[[Trainer], dict[str, float]] | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
         else:
@@ -307,14 +309,20 @@ class Trainer:
         num_samples: int,
         step_fn: StepFn,
         on_end: Callable[[Trainer], dict[str, float]] | None = None,
+        on_epoch_end: Callable[[Trainer], dict[str, float]] | None = None,
     ) -> dict:
         """Train to ``epochs`` (or ``max_steps``); returns {"stopped": bool, "step", "epoch", "metrics"}.
+
+        ``on_epoch_end(trainer)`` runs on every rank at each completed epoch, after the "loss_epoch" metric and
+        before the epoch's checkpoint (e.g. a held-out loss; it must do the same collectives on every rank, or
+        none); its metrics are logged at that step and epoch and kept in the summary (the last epoch's values).
 
         ``on_end(trainer)`` runs on every rank after the final checkpoint (e.g. a test-set evaluation, which may
         use collectives) and returns metrics that are logged and added to the "done" summary. An exception is
         logged as an "error" event (rank 0) and re-raised, so the process exits non-zero.
         """
         try:
+            self.on_epoch_end = on_epoch_end
             return self._fit(num_samples, step_fn, on_end)
         except Exception as e:
             self.events.emit("error", message=f"{type(e).__name__}: {e}", rank=self.info.rank, step=self.step,
@@ -401,6 +409,9 @@ class Trainer:
             name = f"{k}_epoch"
             self.metrics[name] = sums[k] / max(count, 1)
             self.events.emit("metric", name=name, value=self.metrics[name], step=self.step, epoch=self.epoch)
+        if self.on_epoch_end is not None:
+            for name, value in self.on_epoch_end(self).items():
+                self.emit_metric(name, float(value))
         self.epoch, self.step_in_epoch, self.epoch_sums = self.epoch + 1, 0, _Sums()
 
     def _stop_on_signal(self) -> dict:

@@ -7,8 +7,14 @@ CONFIG.json holds the common keys of ``workers.train.common`` plus
     "preset": "readme" | "seed-code"   (optional; defaults for lr, weight_decay, epochs, batch_size, amp, model)
     "model": {"base_channels": 64, "depth": 3}
     "data":  {"files": [".../shard-00000.safetensors", ...], "rows": [[file_idx, row], ...]}   (the TRAIN rows)
+    "val_data": the same for the held-out (test) rows   (optional)
 Each shard file holds "z_rgb_t" and "z_ir_t" of shape (N, 4, h, w). Without "rows" every row of every file is
 used. The whole training set is loaded once onto the device (3,360 pairs of 4x64x64 fp32 latents ~ 440 MB).
+
+With "val_data", every epoch end also logs "val_loss_epoch": the same MSE on the held-out latent pairs (the
+model in eval mode, no gradients; every rank computes it on the whole held-out set, rank 0 logs it), and the
+first epoch end logs "val_loss_identity", the MSE of the identity map z_rgb_t -> z_ir_t on them, the level a
+translator has to get below. Both are latent-space MSEs: the eval-translator job measures pixels.
 """
 
 from __future__ import annotations
@@ -105,6 +111,19 @@ def load_latent_pairs(data: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return z_rgb, z_ir
 
 
+def held_out_loss(model: torch.nn.Module, z_rgb: torch.Tensor, z_ir: torch.Tensor, batch: int = 64) -> float:
+    """Mean squared error of ``model`` over held-out latent pairs (eval mode, no gradients, fp32)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for a in range(0, z_rgb.shape[0], batch):
+            pred = model(z_rgb[a : a + batch]).float()
+            total += F.mse_loss(pred, z_ir[a : a + batch], reduction="sum").item()
+    model.train(was_training)
+    return total / z_rgb.numel()
+
+
 def main(argv: list[str] | None = None) -> int:
     stop = StopFlag.install()  # first: a cancel during start-up is honoured at the first step boundary
     cfg, checkpoint = read_config(argv, "Train the latent RGB->IR translator.", preset_defaults)
@@ -123,7 +142,19 @@ def main(argv: list[str] | None = None) -> int:
         pred = model(z_rgb[idx])  # (B, 4, h, w)
         return F.mse_loss(pred.float(), z_ir[idx]), {}
 
-    trainer.fit(z_rgb.shape[0], step_fn)
+    val = load_latent_pairs(cfg["val_data"]) if cfg.get("val_data") else None
+    on_epoch_end = None
+    if val is not None:
+        v_rgb, v_ir = (t.to(info.device) for t in val)
+        identity = F.mse_loss(v_rgb, v_ir).item()
+
+        def on_epoch_end(tr: Trainer) -> dict[str, float]:
+            out = {"val_loss_epoch": held_out_loss(tr.raw_model, v_rgb, v_ir, int(cfg["batch_size"]) * 8)}
+            if "val_loss_identity" not in tr.metrics:
+                out["val_loss_identity"] = identity
+            return out
+
+    trainer.fit(z_rgb.shape[0], step_fn, on_epoch_end=on_epoch_end)
     teardown_distributed(info)
     return 0
 

@@ -237,3 +237,24 @@ def test_a_crashing_rank_fails_the_run(tmp_path, shards) -> None:
     events = events_of(config)
     assert not any(e["event"] == "done" for e in events)
     assert max(progress_steps(events)) == 6
+
+
+def test_held_out_loss_is_logged_at_every_epoch_end_and_falls(tmp_path, shards) -> None:
+    """With "val_data" (the invert job's test rows, workers/tasks/train.py) every epoch end logs the MSE on the
+    held-out pairs, and the first one the identity map's MSE on them; on a learnable map the held-out loss falls
+    below the identity level. One process, no DDP (the module's shards: rows 0-17 train, 18-19 held out)."""
+    val = {"files": shards, "rows": [[f, r] for f in range(2) for r in (18, 19)]}
+    config = write_config(tmp_path, "val", shards, epochs=4, checkpoint_every=0, log_every=5, val_data=val)
+    proc = subprocess.run([sys.executable, "-m", "workers.train.translator", "--config", config], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = events_of(config)
+    metrics = [e for e in events if e["event"] == "metric"]
+    val_loss = [e["value"] for e in metrics if e["name"] == "val_loss_epoch"]
+    identity = [e["value"] for e in metrics if e["name"] == "val_loss_identity"]
+    assert [e["epoch"] for e in metrics if e["name"] == "val_loss_epoch"] == [0, 1, 2, 3]
+    assert len(identity) == 1
+    z_rgb, z_ir = load_latent_pairs(val)
+    assert identity[0] == pytest.approx(torch.mean((z_rgb - z_ir) ** 2).item(), rel=1e-5)
+    assert val_loss[-1] < 0.6 * val_loss[0] and val_loss[-1] < identity[0]
+    assert events[-1]["metrics"]["val_loss_epoch"] == val_loss[-1]  # the summary holds the last epoch's value
