@@ -20,7 +20,7 @@ from tests.cluster.run import DEFAULT, Session, table
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.cluster", description=__doc__.splitlines()[0])
     p.add_argument("scenarios", nargs="*", default=[], metavar="SCENARIO",
-                   help=f"scenarios to run (default: {', '.join(DEFAULT)}; also: ddp)")
+                   help=f"scenarios to run (default: {', '.join(DEFAULT)})")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs) after the run")
     args = p.parse_args(argv)
     names = args.scenarios or list(DEFAULT)

@@ -26,9 +26,9 @@ def _ddp(ctx: sc.Context) -> sc.Result:
 
 
 SCENARIOS["ddp"] = _ddp
-#: Run by default (`make cluster`): "ddp" runs only when named (two torchrun launches, 2-3 more minutes at
-#: load 5-11; docs/cluster.md). The pytest module runs it too.
-DEFAULT = ("spread", "partition", "node-loss", "netem")
+#: Run by default (`make cluster`), every scenario; the multi-node DDP one last (it kills a node and starts a spare
+#: one; 2-3 minutes of the total at load 5-11, docs/cluster.md). The pytest module runs the same ones.
+DEFAULT = ("spread", "partition", "node-loss", "netem", "ddp")
 
 
 class Session:
