@@ -166,6 +166,14 @@ def emit(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str] | No
             f.write(json.dumps({"title": title, "rows": list(rows)}, default=str) + "\n")
 
 
+def append_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Append `records` to the JSON list in `path` (created if missing): the benchmarks' results files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(old + list(records), indent=1))
+    print(f"appended {len(records)} records to {path}")
+
+
 def header(name: str) -> None:
     print(f"# {name} -- {machine()}")
     print(f"# command: {' '.join([Path(sys.executable).name, '-m', 'benchmarks.' + name, *sys.argv[1:]])}",

@@ -18,14 +18,13 @@ real training digits. Classifier-FIDs are not comparable to Inception FIDs (such
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks._common import backend, machine
+from benchmarks._common import append_records, backend, machine
 
 RESULTS = Path(__file__).parent / "results" / "ncsn_quality.json"
 
@@ -216,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'uniform noise (floor)':<34} {floor['fid']:>8.1f} {floor['is_mean']:>6.2f}")
     print(f"{'train digits (ceiling)':<34} {ceil['fid']:>8.1f} {ceil['is_mean']:>6.2f}")
     if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-        RESULTS.write_text(json.dumps(old + records, indent=1))
-        print(f"appended {len(records)} records to {RESULTS}")
+        append_records(RESULTS, records)
     return 0
 
 

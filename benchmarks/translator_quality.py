@@ -23,7 +23,6 @@ nowhere with --quick).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import backend, machine
+from benchmarks._common import append_records, backend, machine
 
 RESULTS = Path(__file__).parent / "results" / "translator_quality.json"
 PROTOCOLS = {"honest": "", "seed": "_seed_protocol"}  # metric-name suffixes (workers/ml/translator_eval.py)
@@ -265,10 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(recs, res)
     out = args.json or (None if args.quick else RESULTS)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        old = json.loads(out.read_text()) if out.exists() else []
-        out.write_text(json.dumps(old + recs, indent=1))
-        print(f"appended {len(recs)} records to {out}")
+        append_records(out, recs)
     return 0
 
 
