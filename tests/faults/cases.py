@@ -201,8 +201,12 @@ def kill_node_mid_training(bench: Bench, epochs: int = 6, every: int = 5) -> lis
     with session_scope(s) as ss:
         metric_keys = sorted(ss.execute(select(Metric.name, Metric.step).where(Metric.job_id == job_id,
                                                                               Metric.step >= 0)).all())
+    # per step the loss, per epoch end the epoch's loss and the held-out loss (the invert job has test pairs), and
+    # once, at the first epoch end, the held-out loss of the identity map
     expected_metrics = sorted([("loss", k) for k in range(1, total + 1)]
-                              + [("loss_epoch", e * spe) for e in range(1, epochs + 1)])
+                              + [("loss_epoch", e * spe) for e in range(1, epochs + 1)]
+                              + [("val_loss_epoch", e * spe) for e in range(1, epochs + 1)]
+                              + [("val_loss_identity", spe)])
     losses = [{e["step"]: e["loss"] for e in evs if e["event"] == "progress"} for evs in ev.values()]
     again = sorted(set(losses[0]) & set(losses[1])) if len(losses) == 2 else []
     start2 = starts[1] if len(starts) == 2 and starts[1] else {}
