@@ -41,7 +41,9 @@ def make_raw_app(broker: str, backend: str, folder: str | None = None) -> Celery
         worker_hijack_root_logger=False, broker_connection_retry_on_startup=True,
     )
 
-    @app.task(name=task_name(broker))
+    # shared=False: Celery's default adds a decorated task to every app created later in the process (the
+    # system's own app among them, when a test or driver builds this one first)
+    @app.task(name=task_name(broker), shared=False)
     def raw_kernel(seed: int, size: int = KERNEL_SIZE, repeats: int = KERNEL_REPEATS) -> float:
         return kernel(seed, size, repeats)
 

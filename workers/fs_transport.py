@@ -144,12 +144,33 @@ class Channel(filesystem.Channel):
         return super()._purge(queue)
 
 
+#: Declared exchanges and bindings, one record per broker folder (its control folder) in this process.
+_STATES: dict[str, filesystem.virtual.BrokerState] = {}
+
+
+def _state_for(control_folder: str) -> filesystem.virtual.BrokerState:
+    """The broker state of the folder whose exchange tables live in `control_folder`.
+
+    kombu keeps one state for every filesystem connection in a process, and skips writing a binding to the control
+    folder when that state already has it. A process that published to queue ``gpu`` of one broker folder would then
+    never write ``gpu``'s exchange table into a second folder, and its messages there were routed to no queue and
+    dropped without an error (tests/workers/test_fs_transport.py). Keyed by folder, the skip is only ever right.
+    """
+    key = os.path.abspath(str(control_folder))
+    state = _STATES.get(key)
+    if state is None:
+        state = _STATES.setdefault(key, filesystem.virtual.BrokerState())
+    return state
+
+
 class Transport(filesystem.Transport):
     """``filesystem.Transport`` with the channel above and adaptive polling (see the module docstring)."""
 
     Channel = Channel
-    # Separate from the stock transport's state: both may live in one process (benchmarks compare them).
-    global_state = filesystem.virtual.BrokerState()
+
+    def __init__(self, client, **kwargs):
+        super().__init__(client, **kwargs)
+        self.state = _state_for(client.transport_options.get("control_folder", "control"))
 
     def _blocked_by_prefetch(self) -> bool:
         """True when every consuming channel is at its prefetch limit (its task still runs): nothing to list."""
