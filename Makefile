@@ -42,7 +42,7 @@ cluster: $(STAMP)
 	$(PY) -m tests.cluster
 
 cluster-test: $(STAMP)
-	ORCH_CLUSTER_TESTS=1 $(PY) -m pytest -q -p no:cacheprovider tests/cluster
+	$(PY) -m pytest -q -p no:cacheprovider tests/cluster
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
