@@ -1,8 +1,10 @@
 """`orchestrator watch JOB`: live progress of a job from the results DB until it ends.
 
-On a terminal: progress bars redrawn in place, one for the job (shards done plus the running shards' fractions, rate,
-ETA) and one per running shard or training run (items done, rate, ETA; epoch, step, loss for training). Elsewhere
-(a pipe, a log file, CI): plain lines, one whenever something changed; `--json`: one JSON object per change.
+On a terminal: progress bars redrawn in place by `rich` (its Live display and progress bars), one for the job (shards
+done plus the running shards' fractions, rate, ETA) and one per running shard or training run (items done, rate,
+ETA; epoch, step, loss for training). Elsewhere (a pipe, a log file, CI): plain lines, one whenever something
+changed; `--json`: one JSON object per change. The frame's text (what each line says, and what a narrow terminal
+drops) is built once, here; rich draws it.
 Progress comes from each shard's `progress` column, which the worker's heartbeat writes (every lease/4 seconds), so
 it works the same on every broker and needs no Flower.
 """
@@ -10,7 +12,6 @@ it works the same on every broker and needs no Flower.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -227,8 +228,22 @@ def _fit(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(0, width - 1)] + "~"
 
 
+@dataclass(frozen=True)
+class BarLine:
+    """A line with a bar: `head [bar] tail` in `width` columns; ``str()`` is its plain-text form."""
+
+    head: str
+    fraction: float
+    bar_cells: int
+    tail: str
+    width: int
+
+    def __str__(self) -> str:
+        return _fit(f"{self.head} {bar(self.fraction, self.bar_cells)} {self.tail}", self.width)
+
+
 def _with_bar(head: str, fraction: float, parts: list[str], width: int, max_bar: int = 30, reserve: int = 48,
-              optional: tuple[str, ...] = ()) -> str:
+              optional: tuple[str, ...] = ()) -> BarLine:
     """`head [bar] parts...` in `width` columns.
 
     The bar's width depends only on the terminal (so it does not jump between frames): what is left after `reserve`
@@ -246,10 +261,10 @@ def _with_bar(head: str, fraction: float, parts: list[str], width: int, max_bar:
     for extra in optional:
         if length([*parts, extra]) <= width:
             parts.append(extra)
-    return _fit(f"{head} {bar(fraction, bw)} {'  '.join(parts)}", width)
+    return BarLine(head, fraction, bw, "  ".join(parts), width)
 
 
-def shard_line(view: JobView, shard: ShardView, rate: float | None, width: int) -> str:
+def shard_line(view: JobView, shard: ShardView, rate: float | None, width: int) -> BarLine:
     """One running shard (or training run) with its bar, counts, rate and ETA, fitted to `width`.
 
     What matters most comes first and survives a narrow terminal: done/total, ETA, then loss/epoch or the rate;
@@ -283,7 +298,7 @@ def shard_line(view: JobView, shard: ShardView, rate: float | None, width: int) 
                      optional=(f"on {worker}",) if worker else ())
 
 
-def job_line(view: JobView, width: int) -> str:
+def job_line(view: JobView, width: int) -> BarLine:
     """The job's bar: shards done, running, failed, pace and ETA."""
     parts = [f"{100.0 * view.fraction:3.0f}%", f"{view.shards_done}/{view.shards_total} shards"]
     running = view.by_state.get(ShardState.RUNNING.value, 0)
@@ -304,8 +319,36 @@ def header_line(view: JobView, width: int) -> str:
 
 
 def render_frame(view: JobView, rates: dict[int, float | None], width: int = 80, max_shards: int = 12) -> list[str]:
-    """The lines of one redraw, each at most `width` characters."""
-    lines = [header_line(view, width), job_line(view, width)]
+    """The lines of one redraw as plain text, each at most `width` characters."""
+    return [str(line) for line in frame_lines(view, rates, width, max_shards)]
+
+
+def rich_frame(view: JobView, rates: dict[int, float | None], width: int = 80, max_shards: int = 12):
+    """The same frame as a rich renderable: the bars are rich progress bars, the text is the plain frame's."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = []
+    for line in frame_lines(view, rates, width, max_shards):
+        if not isinstance(line, BarLine):
+            rows.append(Text(line, no_wrap=True, overflow="ellipsis"))
+            continue
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True)
+        grid.add_column(width=line.bar_cells + 2)  # the plain bar's cells and brackets: the same layout
+        grid.add_column(no_wrap=True, overflow="ellipsis")
+        grid.add_row(Text(line.head), ProgressBar(total=1.0, completed=max(0.0, min(1.0, line.fraction)),
+                                                  width=line.bar_cells + 2), Text(line.tail))
+        rows.append(grid)
+    return Group(*rows)
+
+
+def frame_lines(view: JobView, rates: dict[int, float | None], width: int = 80,
+                max_shards: int = 12) -> list[str | BarLine]:
+    """The lines of one redraw (text, or a line with a bar), each at most `width` characters."""
+    lines: list[str | BarLine] = [header_line(view, width), job_line(view, width)]
     for sh in view.running[:max_shards]:
         lines.append(shard_line(view, sh, rates.get(sh.index), width))
     if len(view.running) > max_shards:
@@ -378,29 +421,29 @@ def _change_key(view: JobView, rates: dict[int, float | None], as_json: bool) ->
 
 
 class Screen:
-    """Redraws a block of lines in place with ANSI cursor movement (a terminal only)."""
+    """Redraws the frame in place on a terminal: rich's Live display (cursor hidden while it runs)."""
 
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.height = 0
+    def __init__(self, out: TextIO, width: int | None = None) -> None:
+        from rich.console import Console
+        from rich.live import Live
 
-    def draw(self, lines: list[str]) -> None:
-        """Replace the previous frame with `lines` (each shorter than the terminal, so none wraps)."""
-        buf = ["\x1b[?25l"]  # hide the cursor while drawing
-        if self.height:
-            buf.append(f"\x1b[{self.height}A\r")
-        buf += ["\x1b[2K" + ln + "\n" for ln in lines]
-        extra = self.height - len(lines)
-        if extra > 0:  # a shorter frame: blank the leftover lines, then come back up
-            buf += ["\x1b[2K\n"] * extra + [f"\x1b[{extra}A\r"]
-        self.out.write("".join(buf))
-        self.out.flush()
-        self.height = len(lines)
+        # width None: rich follows the terminal (resizes included); a given width is kept (tests, fixed layouts)
+        self.console = Console(file=out, force_terminal=True, width=width, soft_wrap=False, highlight=False)
+        self.live = Live(console=self.console, auto_refresh=False, transient=False, redirect_stdout=False,
+                         redirect_stderr=False)
+        self.live.start()
+
+    @property
+    def width(self) -> int:
+        return self.console.width
+
+    def draw(self, frame) -> None:
+        """Replace the previous frame with `frame` (a rich renderable)."""
+        self.live.update(frame, refresh=True)
 
     def close(self) -> None:
-        """Show the cursor again."""
-        self.out.write("\x1b[?25h")
-        self.out.flush()
+        """Leave the last frame on screen and show the cursor again."""
+        self.live.stop()
 
 
 def watch(settings: Settings, job_id: str, out: TextIO | None = None, interval: float = 1.0,
@@ -413,7 +456,7 @@ def watch(settings: Settings, job_id: str, out: TextIO | None = None, interval: 
     out = out or sys.stdout
     tty = (not as_json) and (out.isatty() if tty is None else tty)
     rates_of = RateTracker()
-    screen = Screen(out) if tty else None
+    screen = Screen(out, width) if tty else None
     last_plain = None
     deadline = None if timeout is None else time.monotonic() + timeout
     view = snapshot(settings, job_id)
@@ -422,8 +465,7 @@ def watch(settings: Settings, job_id: str, out: TextIO | None = None, interval: 
             now = time.monotonic()
             rates = {sh.index: rates_of.rate(sh, now, view.training) for sh in view.running}
             if screen is not None:
-                w = width or shutil.get_terminal_size((80, 24)).columns
-                screen.draw(render_frame(view, rates, max(40, w - 1)))
+                screen.draw(rich_frame(view, rates, max(40, screen.width - 1)))
             else:
                 key = _change_key(view, rates, as_json)
                 if key != last_plain:

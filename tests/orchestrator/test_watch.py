@@ -15,6 +15,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from rich.console import Console
 
 from orchestrator import jobs
 from orchestrator import watch as w
@@ -102,14 +103,14 @@ def test_watch_follows_shards_and_a_training_run_to_the_end(quick):
     # the terminal: frames redrawn in place, every line within 80 columns, bars, a final frame
     tty = outs["tty"].getvalue()
     assert "\x1b[" in tty and re.search(r"\x1b\[\d+A", tty)  # cursor moved up to redraw
-    lines = [ANSI.sub("", ln) for ln in tty.split("\n")]
+    lines = [ANSI.sub("", ln) for ln in re.split(r"[\r\n]", tty)]
     assert all(len(ln) <= 80 for ln in lines)
-    assert any(re.search(r"shard \d .*\[#*\.+\] [1-3]/4 pairs", ln) for ln in lines), lines
+    assert any(re.search(r"shard \d .*[━╸╺]+ [1-3]/4 pairs", ln) for ln in lines), lines  # rich's bars
     assert any("ETA" in ln for ln in lines) and tty.rstrip().endswith("\x1b[?25h")  # cursor shown again
     assert f"{shards_job}: succeeded (3/3 shards)" in tty
 
     # training: step, epoch, loss and samples/s of the run
-    train = [ANSI.sub("", ln) for ln in outs["train"].getvalue().split("\n")]
+    train = [ANSI.sub("", ln) for ln in re.split(r"[\r\n]", outs["train"].getvalue())]
     steps = {int(m.group(1)) for ln in train if (m := re.search(r"step (\d)/6", ln))}
     assert steps & {2, 3, 4, 5}, train
     assert any(re.search(r"run .*step \d/6  ETA \d+s  loss 0\.\d+  epoch \d  64 samples/s", ln) for ln in train), train
@@ -157,6 +158,13 @@ def test_frames_fit_the_terminal_width():
     for width in (80, 60, 40):
         lines = w.render_frame(view, {i: 1.25 for i in range(14)}, width)
         assert all(len(ln) <= width for ln in lines), [len(ln) for ln in lines]
+        # the terminal's frame (rich) says the same in the same columns
+        console = Console(file=io.StringIO(), width=width, color_system=None, soft_wrap=False)
+        console.print(w.rich_frame(view, {i: 1.25 for i in range(14)}, width))
+        drawn = console.file.getvalue().splitlines()
+        assert len(drawn) == len(lines) and all(len(ln) <= width for ln in drawn), drawn
+        for plain, fancy in zip(lines, drawn, strict=True):  # the same words; only the bar's glyphs differ
+            assert re.sub(r"\[[#.]+\]|[━╸╺]+", "", plain).split() == re.sub(r"[━╸╺]+", "", fancy).split()
     lines = w.render_frame(view, {0: 1.25}, 80, max_shards=12)
     assert lines[-1] == "  ... and 2 more running"
     assert "6/40 shards" in lines[1] and "1 failed" in lines[1]
