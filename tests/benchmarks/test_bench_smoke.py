@@ -177,6 +177,16 @@ def test_ncsn_sampling_cpu_and_no_gpu(tmp_path, capsys):
         assert "no GPU" in capsys.readouterr().out
 
 
+def test_ncsn_train_speed_quick(tmp_path):
+    from benchmarks import ncsn_train_speed
+
+    out = tmp_path / "t.jsonl"
+    assert ncsn_train_speed.main(["--quick", "--no-compile", "--json", str(out)]) == 0
+    rows = only(tables(out), "NCSN training step on CPU")
+    assert len(rows) == len(ncsn_train_speed.VARIANTS) - 1 and all(r["steps_per_s"] > 0 for r in rows)
+    assert {r["base"] for r in rows} == {8, 16, 24, 32} and any(r["channels_last"] for r in rows)
+
+
 def test_ncsn_in_place_sampler_matches_the_worker_update():
     """The tuned variant computes the same chain as anneal_langevin given the same noise (float32, CPU)."""
     import torch
