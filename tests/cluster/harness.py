@@ -23,7 +23,7 @@ from shared.db import session_scope, upgrade
 from shared.models import Shard
 from shared.settings import Settings
 from tests.cluster.head import Head, cleanup_folder
-from tests.cluster.netns import Fabric, setns
+from tests.cluster.netns import Fabric, restart_io_threads, setns
 from tests.faults import cluster as cl
 from tests.faults.node import Zygote
 
@@ -66,6 +66,7 @@ class Harness:
             roles = [("head", 1), ("ctl", 2)] + [(r, 11 + i) for i, r in enumerate(self.roles)]
             self.fabric.build(roles)
             setns(self.fabric.hosts["ctl"].name)
+            restart_io_threads()  # S3 requests of this process now leave from the ctl node
             self.head = Head(self.fabric.hosts["head"], self.root / "head")
             self.head.start()
             for role in self.roles:
@@ -91,6 +92,7 @@ class Harness:
     def close(self) -> None:
         try:
             setns(None)
+            restart_io_threads()  # and from the host again
         finally:
             self.fabric.destroy()
             if self.zygote is not None and getattr(self, "_own_zygote", False):

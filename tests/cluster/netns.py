@@ -61,6 +61,28 @@ def setns(name: str | None) -> None:
         os.close(fd)
 
 
+def restart_io_threads() -> None:
+    """Stop fsspec's IO thread (s3fs's event loop) and drop the S3 filesystems bound to it; the next S3 call starts
+    a new one in the calling thread's namespace.
+
+    A thread inherits the namespace of the thread that starts it and keeps it. fsspec runs every S3 request of the
+    process on one such thread: started while the harness was inside a node's namespace, it went on dialling that
+    namespace's addresses after the harness came back, and every later S3 test of the session timed out. The
+    harness calls this on each move between namespaces.
+    """
+    import sys
+
+    asyn = sys.modules.get("fsspec.asyn")
+    if asyn is not None:
+        old = asyn.loop[0]
+        asyn.reset_lock()
+        if old is not None:
+            old.call_soon_threadsafe(old.stop)
+    s3 = sys.modules.get("shared.s3")
+    if s3 is not None:
+        s3._filesystems.clear()
+
+
 @contextmanager
 def inside(name: str) -> Iterator[None]:
     """Run the block in namespace `name`, then return to the namespace the thread was in."""

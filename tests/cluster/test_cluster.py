@@ -32,11 +32,26 @@ def session(tmp_path_factory, tiny_sd):
             pytest.fail(f"the cluster harness cannot be set up, and CI is set: {e}")
         pytest.skip(f"the cluster harness cannot be set up here: {e}")
     prefix = s.h.fabric.prefix
+    assert _io_thread_namespace() == os.stat("/proc/thread-self/ns/net").st_ino  # the harness's S3 client: ctl's
     yield s
     s.__exit__(None, None, None)
+    # S3 requests leave from the host's namespace again (the later S3 tests of the session reach their servers)
+    assert _io_thread_namespace() == os.stat("/proc/thread-self/ns/net").st_ino
     # everything the harness made is gone: namespaces and every process in them
     left = [ln for ln in sh("ip", "netns", "list", check=False).stdout.splitlines() if ln.startswith(prefix + "-")]
     assert not left, f"namespaces left behind: {left}"
+
+
+def _io_thread_namespace() -> int:
+    """The network namespace (inode) of the thread that makes this process's S3 requests (fsspec's IO loop)."""
+    import asyncio
+
+    from fsspec.asyn import get_loop
+
+    async def where() -> int:
+        return os.stat("/proc/thread-self/ns/net").st_ino
+
+    return asyncio.run_coroutine_threadsafe(where(), get_loop()).result(timeout=10)
 
 
 def _check(result) -> None:
