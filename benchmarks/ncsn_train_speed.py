@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="append the table as one JSON line to this file")
     args = p.parse_args(argv)
     header("ncsn_train_speed")
+    import torch
+
+    threads_before = torch.get_num_threads()  # the variants set it; a caller's process gets its own back
     rows = []
     for v in VARIANTS:
         if v.get("compile_") and args.no_compile:
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({**{k: kw.get(k) for k in ("base", "batch", "threads")}, "compile": bool(v.get("compile_")),
                          "error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"})
         print(rows[-1], flush=True)
+    torch.set_num_threads(threads_before)
     emit("NCSN training step on CPU (DSM loss, backward, Adam, EMA)", rows, json_path=args.json)
     return 0
 

@@ -111,6 +111,12 @@ def servers(tmp_path, pg_database) -> Settings:
 
     index = int(os.environ.get("ORCH_TEST_REDIS_DB", str(3 + uuid.uuid4().int % 12)))
     redis.Redis.from_url(f"{REDIS_URL}/{index}").flushdb()
+    # kombu pools producer connections per broker URL across apps, and each connection remembers the exchanges and
+    # bindings it declared: after the flush, a pooled connection of an earlier test on this index would skip
+    # re-binding a queue, and its messages would be routed nowhere. Fresh connections declare again.
+    from kombu import pools
+
+    pools.reset()
     with db.get_engine(pg_database).begin() as c:
         c.execute(text("TRUNCATE jobs, shards, artifacts, items, metrics, checkpoints, lineage, rejections CASCADE"))
     env = {
