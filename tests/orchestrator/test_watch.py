@@ -19,6 +19,7 @@ from rich.console import Console
 
 from orchestrator import jobs
 from orchestrator import watch as w
+from orchestrator.watch_screen import rich_frame
 from shared import constants as C
 from tests.conftest import embedded_settings
 from workers import bookkeeping as bk
@@ -160,7 +161,7 @@ def test_frames_fit_the_terminal_width():
         assert all(len(ln) <= width for ln in lines), [len(ln) for ln in lines]
         # the terminal's frame (rich) says the same in the same columns
         console = Console(file=io.StringIO(), width=width, color_system=None, soft_wrap=False)
-        console.print(w.rich_frame(view, {i: 1.25 for i in range(14)}, width))
+        console.print(rich_frame(view, {i: 1.25 for i in range(14)}, width))
         drawn = console.file.getvalue().splitlines()
         assert len(drawn) == len(lines) and all(len(ln) <= width for ln in drawn), drawn
         for plain, fancy in zip(lines, drawn, strict=True):  # the same words; only the bar's glyphs differ
