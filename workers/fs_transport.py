@@ -157,10 +157,9 @@ def _state_for(control_folder: str) -> filesystem.virtual.BrokerState:
     dropped without an error (tests/workers/test_fs_transport.py). Keyed by folder, the skip is only ever right.
     """
     key = os.path.abspath(str(control_folder))
-    state = _STATES.get(key)
-    if state is None:
-        state = _STATES.setdefault(key, filesystem.virtual.BrokerState())
-    return state
+    if key not in _STATES:
+        _STATES[key] = filesystem.virtual.BrokerState()
+    return _STATES[key]
 
 
 class Transport(filesystem.Transport):

@@ -263,9 +263,8 @@ def compare(ref: Fingerprint, got: Fingerprint) -> Verdict:
 
 def run_reference(home: Path, inputs: Inputs, plan: Plan) -> str:
     """Run the plan's job fault-free in this process (the shards one after another) under `home`; its job id."""
-    import torch
-
     from orchestrator.submit import submit_invert
+    from tests.threads import torch_threads
     from workers.runner import run_shard
     from workers.tasks.invert import invert_work
 
@@ -273,13 +272,9 @@ def run_reference(home: Path, inputs: Inputs, plan: Plan) -> str:
     settings.ensure_local_folders()
     # the real submit; its messages go to this run's own broker folder, which nobody reads
     job_id = submit_invert(settings, inputs.args(plan))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the workers (OMP_NUM_THREADS=1): same kernels, same bytes
-    try:
+    with torch_threads(1):  # as in the workers (OMP_NUM_THREADS=1): same kernels, same bytes
         for i in range(plan.shards):
             run_shard(settings, job_id, i, invert_work)
-    finally:
-        torch.set_num_threads(threads)
     return job_id
 
 

@@ -29,19 +29,14 @@ def create_only(submit_fn, settings, args) -> str:
 
 def run_invert_inline(settings, data: Path, model: Path, shards: int = 4, **kw) -> str:
     """A finished invert job, computed in this process (the test is the worker): fast set-up for later stages."""
-    import torch
-
+    from tests.threads import torch_threads
     from workers.runner import run_shard
     from workers.tasks.invert import invert_work
 
     job_id = create_only(submit_mod.submit_invert, settings, invert_args(data, model, shards, **kw))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the workers (OMP_NUM_THREADS=1): the same kernels, the same bytes
-    try:
+    with torch_threads(1):  # as in the workers: the latents a test compares with theirs are the same bytes
         for i in range(shards):
             run_shard(settings, job_id, i, invert_work)
-    finally:
-        torch.set_num_threads(before)
     assert jobs.get_job(settings, job_id).state == "succeeded"
     return job_id
 

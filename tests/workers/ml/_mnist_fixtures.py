@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
 
 import numpy as np
-import torch
 
+from tests.threads import torch_threads
 from workers.ml.classifier import MnistClassifier, accuracy, train_classifier
 from workers.ml.mnist import EMBEDDED, load_mnist
 
@@ -37,13 +36,7 @@ def trained_classifier() -> tuple[MnistClassifier, list[dict[str, float]], float
     return model, history, accuracy(model, test_images, test_labels)
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
+def one_thread() -> contextlib.AbstractContextManager[None]:
     """Run torch on one intra-op thread: on a shared CPU, OpenMP threads spinning against other processes
     make small ops tens of times slower than a single thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(1)

@@ -1,46 +1,34 @@
 """Shared fixtures of the ML tests: a tiny Stable Diffusion in the diffusers layout and a small synthetic M3FD."""
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.threads import torch_threads
 from workers.fixtures.m3fd import write_synthetic
 from workers.fixtures.tiny_sd import write_tiny_sd
 from workers.ml.sd import SDParts, load_sd
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    # Tiny models are dominated by per-op overhead; extra intra-op threads only contend on a shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Run the test with one intra-op thread (use with ``pytest.mark.usefixtures``)."""
-    with _torch_threads(1):
+    with torch_threads(1):
         yield
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny randomly initialised SD (real classes, SD 1.x scheduler) written once per test session."""
-    with _torch_threads(1):
+    with torch_threads(1):
         return write_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd(tiny_sd_dir: Path) -> SDParts:
     """The tiny SD loaded on CPU in float32 through the same path as real weights."""
-    with _torch_threads(1):
+    with torch_threads(1):
         return load_sd(str(tiny_sd_dir))
 
 
