@@ -7,6 +7,7 @@ ORCH_BENCH_REDIS_DB, default 15, outside the 3..14 the test suite draws from).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -86,10 +87,12 @@ def flush_redis(url: str) -> None:
 
 
 @contextmanager
-def backend(kind: str, lease_seconds: float = 60.0) -> Iterator[Settings]:
+def backend(kind: str, lease_seconds: float = 60.0, keep: Path | None = None) -> Iterator[Settings]:
     """Settings of a throw-away backend: "embedded" (filesystem broker + SQLite in a temp folder) or "servers"
-    (Redis DB REDIS_DB, flushed, + a fresh PostgreSQL database)."""
-    with tempfile.TemporaryDirectory(prefix=f"orch-bench-{kind}-") as tmp:
+    (Redis DB REDIS_DB, flushed, + a fresh PostgreSQL database). ``keep`` (embedded only): use this folder
+    instead and leave it behind, so that its checkpoints and samples can be used again (ORCH_HOME=keep/orch)."""
+    with contextlib.ExitStack() as stack:
+        tmp = str(keep) if keep else stack.enter_context(tempfile.TemporaryDirectory(prefix=f"orch-bench-{kind}-"))
         env = {"ORCH_HOME": str(Path(tmp) / "orch"), "ORCH_LEASE_SECONDS": str(lease_seconds),
                "ORCH_STORAGE": str(Path(tmp) / "artifacts")}
         if kind == "embedded":

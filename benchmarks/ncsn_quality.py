@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real-grid", type=Path, default=None, help="PNG: 10x10 real training digits")
     p.add_argument("--threads", type=int, default=2, help="OMP threads per worker process")
     p.add_argument("--quick", action="store_true", help="tiny budget: checks the code path only")
+    p.add_argument("--keep", type=Path, default=None,
+                   help="run in this folder and leave it (its jobs, checkpoints and samples) behind")
     args = p.parse_args(argv)
     marks = sorted(float(m) for m in args.minutes.split(","))
     if args.quick:
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     loads: list[float] = []
     commit = _commit()
     print(machine())
-    with backend("embedded") as settings:
+    with backend("embedded", keep=args.keep) as settings:
         ensure_schema(settings)
         env = {"OMP_NUM_THREADS": str(args.threads)}
         with local_workers(settings, 2, "gpu,train,cpu", settings.home / "logs", env=env):
