@@ -53,7 +53,8 @@ def measure(settings, job_id: str, work, progress_timeout: float = 900.0) -> dic
 
 
 def run_invert(settings, root: Path) -> dict:
-    from orchestrator.submit import submit_invert
+    from orchestrator.submit import submitter
+    submit_invert = submitter("invert")
     from tests.orchestrator.conftest import create_only, invert_args
     from workers.fixtures.m3fd import write_synthetic
     from workers.fixtures.tiny_sd import write_tiny_sd
@@ -69,7 +70,6 @@ def run_sample(settings, root: Path) -> dict:
     import torch
 
     from orchestrator import jobs
-    from shared import constants as C
     from shared.storage import Storage
     from workers.ml.score import get_preset
     from workers.tasks.ncsn import sample_work
@@ -83,7 +83,7 @@ def run_sample(settings, root: Path) -> dict:
     uri = Storage(settings.storage).write_bytes("bench/ncsn-tiny.pt", buf.getvalue()).uri
     spec = {"checkpoint_id": 0, "checkpoint_uri": uri, "train_job": "none", "n": 64, "shards": 1, "seed": 0,
             "batch_size": 64, "n_steps_each": 5000}
-    return measure(settings, jobs.create_job(settings, C.KIND_SAMPLE, spec, 1), sample_work)
+    return measure(settings, jobs.create_job(settings, "sample", spec, 1), sample_work)
 
 
 def run_train(settings, root: Path) -> dict:
@@ -93,7 +93,7 @@ def run_train(settings, root: Path) -> dict:
     from workers.tasks.train import train_work
 
     args = ncsn_args(gpus=1, epochs=1000, max_train_samples=256, log_every=1)
-    return measure(settings, create_only(submit_mod.submit_train_ncsn, settings, args), train_work)
+    return measure(settings, create_only(submit_mod.submitter("train-ncsn"), settings, args), train_work)
 
 
 KINDS = {"invert": run_invert, "sample": run_sample, "train": run_train}

@@ -86,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.demo import local_workers
     from shared.db import ensure_schema, session_scope
     from shared.storage import Storage
+    from shared.store import job_of_checkpoint
     from workers.ml.fid import compute_fid_is
     from workers.ml.mnist import EMBEDDED, load_mnist
     from workers.ml.score import get_preset
     from workers.tasks.ncsn import load_classifier_checkpoint, load_sample_arrays
-    from workers.tasks.train import job_of_checkpoint
 
     ns = argparse.Namespace
     preset = get_preset(args.preset)
@@ -113,13 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.queries import summary_metrics
 
             t0 = time.perf_counter()
-            clf_job = run(submit.submit_train_classifier, ns(
+            clf_job = run(submit.submitter("train-classifier"), ns(
                 data=EMBEDDED, epochs=1 if args.quick else 6, batch_size=64, lr=2e-3, gpus=1,
                 max_train_samples=None, log_every=50, seed=0))
             clf_ckpt = int(summary_metrics(settings, clf_job)["final_checkpoint_id"])
             print(f"classifier: job {clf_job}, checkpoint {clf_ckpt} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-            train_job = submit.submit_train_ncsn(settings, ns(
+            train_job = submit.submitter("train-ncsn")(settings, ns(
                 data=EMBEDDED, preset=args.preset, epochs=100000, batch_size=None, lr=None, gpus=1,
                 base_channels=args.base_channels, max_train_samples=None, steps_each=None, amp=False,
                 checkpoint_every=0, max_steps=None, log_every=20, seed=0))
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             # sampling waits for the end of training: on 2 cores a sample job beside the training run would slow
             # it, and the marks would measure a shared machine rather than training time
             for mark, cid, step, secs in marked:
-                sj = submit.submit_sample(settings, ns(checkpoint=cid, n=args.n, shards=2, batch_size=args.n,
+                sj = submit.submitter("sample")(settings, ns(checkpoint=cid, n=args.n, shards=2, batch_size=args.n,
                                                        steps_each=args.steps_each, seed=0))
                 print(f"mark {mark:g} min: checkpoint {cid} -> sample job {sj}", flush=True)
                 sample_jobs.append((mark, cid, step, secs, sj))
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 if job.state != "succeeded":
                     raise RuntimeError(f"sample {sj} ended {job.state}: {job.error or ''}")
                 sample_m = summary_metrics(settings, sj)
-                fj = run(submit.submit_eval_fid, ns(samples=sj, reference=EMBEDDED, reference_split="test",
+                fj = run(submit.submitter("eval-fid"), ns(samples=sj, reference=EMBEDDED, reference_split="test",
                                                     n_real=None, features="mnist-classifier", inception_weights=None,
                                                     classifier=clf_ckpt, is_splits=splits, seed=0))
                 m = summary_metrics(settings, fj)

@@ -78,7 +78,7 @@ def run_job(settings: Settings, n: int, size: int, repeats: int, timeout: float)
     from orchestrator import jobs
 
     t0 = time.time()
-    job_id = jobs.submit(settings, C.KIND_BENCH, {"size": size, "repeats": repeats}, n)
+    job_id = jobs.submit(settings, "bench", {"size": size, "repeats": repeats}, n)
     job = jobs.wait(settings, job_id, timeout=timeout, poll=0.05)
     if job.state != "succeeded":
         raise RuntimeError(f"bench job {job_id} ended {job.state} ({job.shards_done}/{n}): {job.error}")

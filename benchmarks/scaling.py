@@ -35,7 +35,8 @@ def invert_args(data: Path, model: Path, shards: int, batch: int) -> argparse.Na
 
 def run_invert(settings, args_ns, timeout: float = 1800) -> float:
     from orchestrator import jobs
-    from orchestrator.submit import submit_invert
+    from orchestrator.submit import submitter
+    submit_invert = submitter("invert")
 
     t0 = time.time()
     job_id = submit_invert(settings, args_ns)

@@ -40,7 +40,7 @@ def per_message_enqueue(settings: Settings, job_id: str, n: int) -> None:
     from workers.dispatch import get_app
 
     app = get_app(settings)
-    task = app.signature(C.TASK_BENCH_SHARD)
+    task = app.signature("bench.shard")
     with app.producer_or_acquire() as producer:
         for i in range(n):
             task.clone(kwargs={"job_id": job_id, "shard_index": i}).apply_async(producer=producer)
@@ -67,13 +67,13 @@ def run(kind: str, n: int, per_shard: int, reference: bool) -> list[dict]:
     with backend(kind) as settings:
         ensure_schema(settings)
         get_app(settings).connection_for_write().ensure_connection()  # connect before the clock starts
-        jobs.create_job(settings, C.KIND_BENCH, {}, 1)  # warm the engine and the schema check
+        jobs.create_job(settings, "bench", {}, 1)  # warm the engine and the schema check
         items = items_for(n, per_shard)
         modes = ["batched", "per-message"] if reference else ["batched"]
         for mode in modes:
             depth0 = broker_depth(settings)
             with Timer() as tc:
-                job_id = jobs.create_job(settings, C.KIND_BENCH, {"size": 64, "repeats": 40}, n, items)
+                job_id = jobs.create_job(settings, "bench", {"size": 64, "repeats": 40}, n, items)
             with Timer() as te:
                 if mode == "batched":
                     enqueue_shards(settings, job_id)

@@ -6,7 +6,7 @@
 On a throw-away embedded backend with two local worker processes it writes the tiny Stable Diffusion model
 (``workers.ml.sd.write_tiny_sd``) and synthetic M3FD pairs (``workers.ml.m3fd.write_synthetic``: the IR image is
 a fixed function of the scene), then submits, like a user would, ``invert`` (train/test split as
-``orchestrator.submit.submit_invert`` draws it: split seed 42, test fraction 0.2), ``train-translator`` and
+``orchestrator.submit.submitter("invert")`` draws it: split seed 42, test fraction 0.2), ``train-translator`` and
 ``eval-translator`` on the final checkpoint. The table compares the translator with the identity baseline (the
 RGB latent taken as the prediction, workers/ml/translator_eval.py) under both protocols, gives the margins
 (translator minus baseline, PSNR dB and SSIM), and the per-epoch training loss and held-out latent MSE
@@ -149,19 +149,19 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
                     raise RuntimeError(f"{job.kind} {job_id} ended {job.state}: {job.error or ''}")
                 return job
 
-            inv = run(submit.submit_invert, ns(
+            inv = run(submit.submitter("invert"), ns(
                 data=str(data), model=str(model), shards=4, t=None, steps=None, size=args.size, batch_size=8,
                 preset="readme", split_seed=42, test_fraction=0.2, precision="auto", seed=0, skip_bad=False))
             n_test = round(args.pairs * 0.2)  # approximate until the eval job reports its pair count
             print(f"invert: job {inv.id}, {args.pairs} pairs at {args.size} px", flush=True)
-            train = run(submit.submit_train_translator, ns(
+            train = run(submit.submitter("train-translator"), ns(
                 latents=inv.id, preset="readme", epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                 batch_size=args.batch_size, gpus=1, base_channels=args.base_channels, depth=args.depth, amp=False,
                 checkpoint_every=0, max_steps=None, log_every=50, seed=0))
             train_s = (train.finished_at - train.started_at).total_seconds()
             tm = summary_metrics(settings, train.id)
             print(f"train-translator: job {train.id}, {args.epochs} epochs in {train_s:.0f} s", flush=True)
-            ev = run(submit.submit_eval_translator, ns(checkpoint=int(tm["final_checkpoint_id"]), shards=2,
+            ev = run(submit.submitter("eval-translator"), ns(checkpoint=int(tm["final_checkpoint_id"]), shards=2,
                                                        batch_size=8))
             m = summary_metrics(settings, ev.id)
             n_test = int(m.get("pairs", n_test))

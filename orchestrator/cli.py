@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+import kinds
 from orchestrator.cli_submit import add_submit_parsers
 from shared import constants as C
 from shared.errors import UserError
@@ -25,10 +26,9 @@ def _dumps(obj: Any) -> str:
 # -- submit -----------------------------------------------------------------------------------------------------------
 
 def cmd_submit(args, settings: Settings) -> int:
-    from orchestrator import submit
+    from orchestrator.submit import submit
 
-    fn = getattr(submit, "submit_" + args.kind.replace("-", "_"))
-    job_id = fn(settings, args)
+    job_id = submit(settings, args.kind, args)
     if args.json and not args.wait:
         from orchestrator.output import dumps
 
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("jobs", help="list jobs, newest first")
-    s.add_argument("--kind", choices=C.JOB_KINDS)
+    s.add_argument("--kind", choices=kinds.names())
     s.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
     s.add_argument("--limit", type=int, default=50)
     s.add_argument("--json", action="store_true")

@@ -1,8 +1,11 @@
-"""The `orchestrator submit KIND` parsers: one per job kind, with the arguments its spec takes."""
+"""The `orchestrator submit KIND` parsers, one per registered kind, built from its options dataclass (kinds/)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import types
+import typing
 
 
 def _add_common_submit(p: argparse.ArgumentParser) -> None:
@@ -10,95 +13,43 @@ def _add_common_submit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help='print {"job_id": ...} (with --wait: the final status)')
 
 
+def _converter(f: dataclasses.Field, hints: dict[str, typing.Any]):
+    """argparse's type for a field: the option's own, else the annotation's (int | None -> int), else str."""
+    meta = f.metadata["cli"]
+    if meta["type"] is not None:
+        return meta["type"]
+    hint = hints.get(f.name, str)
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else []
+    hint = args[0] if len(args) == 1 else hint
+    return hint if hint in (int, float) else None
+
+
+def add_kind_options(p: argparse.ArgumentParser, options: type) -> None:
+    """One ``--name-with-dashes`` argument per field of a kind's options dataclass."""
+    hints = typing.get_type_hints(options)
+    for f in dataclasses.fields(options):
+        meta = f.metadata["cli"]
+        flag = "--" + f.name.replace("_", "-")
+        if meta["flag"]:
+            p.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        kw: dict[str, typing.Any] = {"help": meta["help"], "choices": meta["choices"]}
+        if meta["required"]:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+        conv = _converter(f, hints)
+        if conv is not None:
+            kw["type"] = conv
+        p.add_argument(flag, **kw)
+
+
 def add_submit_parsers(sub) -> None:
+    import kinds
+
     p = sub.add_parser("submit", help="create a job and enqueue its shards")
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
-
-    inv = kinds.add_parser("invert", help="encode M3FD pairs with the SD VAE and DDIM-invert both latents to t")
-    inv.add_argument("--data", required=True, help="M3FD folder (flat Vis/ Ir/ or the scene tree)")
-    inv.add_argument("--model", required=True, help="local diffusers SD folder or hub id in the offline cache")
-    inv.add_argument("--shards", type=int, default=16)
-    inv.add_argument("--t", type=int, default=None, help="inversion end timestep (default: the preset's, 400)")
-    inv.add_argument("--steps", type=int, default=None, help="schedule granularity over 1000 steps (readme: 50)")
-    inv.add_argument("--size", type=int, default=None, help="centre-crop side in pixels (readme: 512)")
-    inv.add_argument("--batch-size", type=int, default=8)
-    inv.add_argument("--preset", choices=["readme", "seed-code"], default="readme")
-    inv.add_argument("--split-seed", type=int, default=42)
-    inv.add_argument("--test-fraction", type=float, default=0.2)
-    inv.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
-    inv.add_argument("--seed", type=int, default=0, help="seed of latent sampling (seed-code preset)")
-    inv.add_argument("--skip-bad", action="store_true",
-                     help="skip pairs with unreadable or mismatched images (recorded in the DB) instead of failing")
-    _add_common_submit(inv)
-
-    tr = kinds.add_parser("train-translator", help="train the latent U-Net z_rgb_t -> z_ir_t with DDP")
-    tr.add_argument("--latents", required=True, help="id of a succeeded invert job")
-    tr.add_argument("--preset", choices=["readme", "seed-code"], default="readme")
-    tr.add_argument("--epochs", type=int, default=None, help="default: the preset's (25)")
-    tr.add_argument("--lr", type=float, default=None)
-    tr.add_argument("--weight-decay", type=float, default=None)
-    tr.add_argument("--batch-size", type=int, default=None, help="per process")
-    tr.add_argument("--gpus", type=int, default=1, help="DDP processes (GPUs; gloo processes on CPU)")
-    tr.add_argument("--base-channels", type=int, default=None)
-    tr.add_argument("--depth", type=int, default=None, help="number of downsamples")
-    tr.add_argument("--amp", action="store_true", help="bf16/fp16 autocast on GPU")
-    tr.add_argument("--checkpoint-every", type=int, default=None, help="steps (0: epoch ends only)")
-    tr.add_argument("--max-steps", type=int, default=None)
-    tr.add_argument("--log-every", type=int, default=None)
-    tr.add_argument("--seed", type=int, default=None)
-    _add_common_submit(tr)
-
-    ev = kinds.add_parser("eval-translator", help="PSNR/SSIM of a translator checkpoint on the test pairs")
-    ev.add_argument("--checkpoint", type=int, required=True, help="checkpoint id (orchestrator results TRAIN_JOB)")
-    ev.add_argument("--shards", type=int, default=4)
-    ev.add_argument("--batch-size", type=int, default=8)
-    _add_common_submit(ev)
-
-    nc = kinds.add_parser("train-ncsn", help="train a noise conditional score network on MNIST with DDP")
-    nc.add_argument("--data", default="mnist:embedded", help="mnist:embedded or a folder of MNIST IDX files")
-    nc.add_argument("--preset", choices=["ncsn", "seed-code"], default="ncsn")
-    nc.add_argument("--epochs", type=int, default=None)
-    nc.add_argument("--batch-size", type=int, default=None)
-    nc.add_argument("--lr", type=float, default=None)
-    nc.add_argument("--gpus", type=int, default=1)
-    nc.add_argument("--base-channels", type=int, default=None)
-    nc.add_argument("--max-train-samples", type=int, default=None)
-    nc.add_argument("--steps-each", type=int, default=None, help="Langevin steps per noise level when sampling")
-    nc.add_argument("--amp", action="store_true")
-    nc.add_argument("--checkpoint-every", type=int, default=None)
-    nc.add_argument("--max-steps", type=int, default=None)
-    nc.add_argument("--log-every", type=int, default=None)
-    nc.add_argument("--seed", type=int, default=None)
-    _add_common_submit(nc)
-
-    cl = kinds.add_parser("train-classifier", help="train the MNIST classifier used as an offline feature extractor")
-    cl.add_argument("--data", default="mnist:embedded")
-    cl.add_argument("--epochs", type=int, default=None)
-    cl.add_argument("--batch-size", type=int, default=None)
-    cl.add_argument("--lr", type=float, default=None)
-    cl.add_argument("--gpus", type=int, default=1)
-    cl.add_argument("--max-train-samples", type=int, default=None)
-    cl.add_argument("--log-every", type=int, default=None)
-    cl.add_argument("--seed", type=int, default=None)
-    _add_common_submit(cl)
-
-    sa = kinds.add_parser("sample", help="annealed Langevin sampling from an NCSN checkpoint, sharded")
-    sa.add_argument("--checkpoint", type=int, required=True)
-    sa.add_argument("--n", type=int, default=10000)
-    sa.add_argument("--shards", type=int, default=8)
-    sa.add_argument("--batch-size", type=int, default=1000)
-    sa.add_argument("--steps-each", type=int, default=None, help="default: the checkpoint's preset (100)")
-    sa.add_argument("--seed", type=int, default=0)
-    _add_common_submit(sa)
-
-    fd = kinds.add_parser("eval-fid", help="FID and IS of a sample job against reference digits")
-    fd.add_argument("--samples", required=True, help="id of a succeeded sample job")
-    fd.add_argument("--reference", default="mnist:embedded")
-    fd.add_argument("--reference-split", choices=["train", "test"], default="test")
-    fd.add_argument("--n-real", type=int, default=None, help="use the first N reference digits")
-    fd.add_argument("--features", choices=["inception", "mnist-classifier"], default="mnist-classifier")
-    fd.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05 weights file")
-    fd.add_argument("--classifier", type=int, default=None, help="checkpoint id of a train-classifier job")
-    fd.add_argument("--is-splits", type=int, default=10)
-    fd.add_argument("--seed", type=int, default=0)
-    _add_common_submit(fd)
+    subs = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind in kinds.all_kinds().values():
+        kp = subs.add_parser(kind.name, help=kind.help)
+        add_kind_options(kp, kind.options)
+        _add_common_submit(kp)

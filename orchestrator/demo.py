@@ -106,33 +106,33 @@ def run_demo(settings: Settings, workers: int = 2, pairs: int = 32, shards: int 
     try:
         with local_workers(settings, workers, "gpu,train,cpu", demo / "logs"):
             print(f"started {workers} local worker processes (logs in {demo / 'logs'})")
-            ids["invert"] = _stage(settings, f"invert --shards {shards}", submit.submit_invert, ns(
+            ids["invert"] = _stage(settings, f"invert --shards {shards}", submit.submitter("invert"), ns(
                 data=str(data), model=str(model), shards=shards, t=None, steps=None, size=64, batch_size=4,
                 preset="readme", split_seed=42, test_fraction=0.2, precision="auto", seed=0))
             rows = queries.results(settings, ids["invert"], limit=4)
             print(table(rows, ["pair_id", "split", "shard", "position", "artifact"]))
             if full:
                 ids["train-translator"] = _stage(settings, "train-translator (DDP, 2 processes)",
-                                                 submit.submit_train_translator, ns(
+                                                 submit.submitter("train-translator"), ns(
                     latents=ids["invert"], preset="readme", epochs=20, lr=3e-3, weight_decay=0.0, batch_size=4,
                     gpus=2, base_channels=8, depth=2, amp=False, checkpoint_every=0, max_steps=None, log_every=5,
                     seed=0))
                 ckpt = int(queries.summary_metrics(settings, ids["train-translator"])["final_checkpoint_id"])
                 ids["eval-translator"] = _stage(settings, f"eval-translator --checkpoint {ckpt}",
-                                                submit.submit_eval_translator, ns(checkpoint=ckpt, shards=2,
+                                                submit.submitter("eval-translator"), ns(checkpoint=ckpt, shards=2,
                                                                                   batch_size=8))
-                ids["train-ncsn"] = _stage(settings, "train-ncsn (DDP, 2 processes)", submit.submit_train_ncsn, ns(
+                ids["train-ncsn"] = _stage(settings, "train-ncsn (DDP, 2 processes)", submit.submitter("train-ncsn"), ns(
                     data="mnist:embedded", preset="ncsn", epochs=1, batch_size=32, lr=1e-3, gpus=2, base_channels=8,
                     max_train_samples=512, steps_each=5, amp=False, checkpoint_every=0, max_steps=None,
                     log_every=4, seed=0))
-                ids["train-classifier"] = _stage(settings, "train-classifier", submit.submit_train_classifier, ns(
+                ids["train-classifier"] = _stage(settings, "train-classifier", submit.submitter("train-classifier"), ns(
                     data="mnist:embedded", epochs=1, batch_size=64, lr=2e-3, gpus=1, max_train_samples=2000,
                     log_every=10, seed=0))
                 nckpt = int(queries.summary_metrics(settings, ids["train-ncsn"])["final_checkpoint_id"])
                 cckpt = int(queries.summary_metrics(settings, ids["train-classifier"])["final_checkpoint_id"])
-                ids["sample"] = _stage(settings, f"sample --checkpoint {nckpt} --n 64 --shards 4", submit.submit_sample,
+                ids["sample"] = _stage(settings, f"sample --checkpoint {nckpt} --n 64 --shards 4", submit.submitter("sample"),
                                        ns(checkpoint=nckpt, n=64, shards=4, batch_size=64, steps_each=5, seed=0))
-                ids["eval-fid"] = _stage(settings, "eval-fid --features mnist-classifier", submit.submit_eval_fid, ns(
+                ids["eval-fid"] = _stage(settings, "eval-fid --features mnist-classifier", submit.submitter("eval-fid"), ns(
                     samples=ids["sample"], reference="mnist:embedded", reference_split="test", n_real=500,
                     features="mnist-classifier", inception_weights=None, classifier=cckpt, is_splits=4, seed=0))
     except RuntimeError as e:

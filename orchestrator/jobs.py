@@ -14,6 +14,7 @@ from shared.errors import UserError
 from shared.models import Item, Job, Lineage, Rejection, Shard
 from shared.settings import Settings
 from shared.status import JobState, ShardState
+from shared.store import get_job
 from workers.bookkeeping import utcnow
 from workers.dispatch import enqueue_shards
 
@@ -101,16 +102,6 @@ def _abandon(settings: Settings, job_id: str, error: str) -> None:
     cancel(settings, job_id)
     with session_scope(settings) as s:
         s.execute(update(Job).where(Job.id == job_id).values(error=error[:4000]))
-
-
-def get_job(settings: Settings, job_id: str) -> Job:
-    ensure_schema(settings)
-    with session_scope(settings) as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise UserError(f"no job '{job_id}': list jobs with `orchestrator jobs`")
-        s.expunge(job)
-        return job
 
 
 def cancel(settings: Settings, job_id: str) -> str:

@@ -5,7 +5,7 @@ published: a value that is negative, zero where that means nothing, NaN or infin
 (32-bit ids and counts), the RNGs (seeds) or memory is one line naming the flag, its range and what it got.
 `check_configuration` then refuses an ORCH_HOME that cannot be written and an artifact storage that no worker could
 use. Checks that need the data (`--shards` against the number of pairs, `--t` against the schedule) stay with the
-job kinds (orchestrator/submit.py, orchestrator/validate.py).
+job kinds (kinds/, kinds/checks.py).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+import kinds
 from shared import constants as C
 from shared.db import ensure_schema, session_scope
 from shared.errors import UserError
@@ -87,7 +88,8 @@ def results(settings: Settings, job_id: str, limit: int | None = None, offset: i
     ensure_schema(settings)
     with session_scope(settings) as s:
         job = _job_or_error(s, job_id)
-        if job.kind == C.KIND_INVERT:
+        results = getattr(kinds.find(job.kind), "results", "item_metrics")
+        if results == "pairs":
             q = (
                 select(Item.pair_id, Item.split, Item.shard_index, Item.position, Artifact.uri, Artifact.sha256)
                 .outerjoin(Artifact, Artifact.id == Item.artifact_id)
@@ -103,7 +105,7 @@ def results(settings: Settings, job_id: str, limit: int | None = None, offset: i
                 {"pair_id": p, "split": sp, "shard": sh, "position": pos, "artifact": uri, "sha256": sha}
                 for p, sp, sh, pos, uri, sha in s.execute(q).all()
             ]
-        if job.kind in (C.KIND_TRAIN_TRANSLATOR, C.KIND_TRAIN_NCSN, C.KIND_TRAIN_CLASSIFIER):
+        if results == "checkpoints":
             q = (
                 select(Checkpoint.id, Checkpoint.step, Checkpoint.epoch, Checkpoint.reason, Artifact.uri,
                        Artifact.sha256, Artifact.bytes)
@@ -173,9 +175,9 @@ def summary_metrics(settings: Settings, job_id: str) -> dict[str, Any]:
             .order_by(Metric.name)
         ).all()
         out: dict[str, Any] = {n: as_count(n, v) for n, v in rows}
-        if job.kind == C.KIND_EVAL_FID and out:
-            result = s.execute(select(Shard.result).where(Shard.job_id == job_id, Shard.index == 0)).scalar_one()
-            out["feature_extractor"] = (result or {}).get("feature_extractor", job.spec.get("feature_extractor"))
+        kind = kinds.find(job.kind)
+        if out and kind is not None and kind.summary_extra is not None:
+            out.update(kind.summary_extra(s, job))
     return out
 
 

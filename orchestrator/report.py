@@ -22,7 +22,7 @@ from orchestrator.report_charts import nice_ticks, svg_gantt, svg_histogram, svg
 from orchestrator.report_html import esc, fmt, fmt_seconds, page
 from orchestrator.report_html import table as _table
 from orchestrator.report_images import THUMB, embed_file, img_tag, latent_tile, png_bytes  # noqa: F401 (re-exported)
-from orchestrator.report_pictures import FID_TABLE_METRICS, TRAIN_KINDS, section_pictures
+from orchestrator.report_pictures import FID_TABLE_METRICS, section_pictures
 from shared import constants as C
 from shared.settings import Settings
 
@@ -135,37 +135,13 @@ def shard_timings(data: ReportData) -> dict[str, Any]:
 
 
 def describe(data: ReportData) -> str:
-    """One or two sentences of what the job did, from its kind, spec and summary metrics."""
-    j, sp, m = data.job, data.job.get("spec") or {}, data.summary
-    kind, n = j["kind"], j["shards_total"]
-    if kind == C.KIND_INVERT:
-        inv = sp.get("inversion", {})
-        return (f"Encoded {fmt(m.get('pairs', sp.get('pairs')))} M3FD pairs ({fmt(m.get('pairs_train'))} train / "
-                f"{fmt(m.get('pairs_test'))} test) from {sp.get('data')} with the VAE of {sp.get('model')} "
-                f"({inv.get('latent')} latents of {inv.get('size')} px crops) and DDIM-inverted RGB and IR latents "
-                f"to t = {inv.get('t_end')} ({inv.get('steps')}-step schedule), in {n} shards.")
-    if kind in TRAIN_KINDS:
-        what = {C.KIND_TRAIN_TRANSLATOR: f"the latent U-Net translator z_rgb_t -> z_ir_t on the "
-                                         f"{sp.get('train_pairs', '?')} train pairs of job {sp.get('latents')}",
-                C.KIND_TRAIN_NCSN: f"a noise conditional score network on MNIST ({sp.get('data')})",
-                C.KIND_TRAIN_CLASSIFIER: f"the MNIST feature classifier ({sp.get('data')})"}[kind]
-        loss = data.curves.get("loss", [])
-        tail = f", last logged loss {fmt(loss[-1][1])}" if loss else ""
-        return (f"Trained {what} with {sp.get('gpus', 1)} DDP process(es): {fmt(m.get('steps'))} steps, "
-                f"{len(data.checkpoints)} checkpoint(s){tail}.")
-    if kind == C.KIND_EVAL_TRANSLATOR:
-        return (f"Evaluated translator checkpoint {sp.get('checkpoint_id')} (job {sp.get('train_job')}) on "
-                f"{fmt(m.get('pairs', sp.get('test_pairs')))} test pairs of job {sp.get('latents')} in {n} shards: "
-                f"PSNR {fmt(m.get('psnr'))} dB, SSIM {fmt(m.get('ssim'))} (identity baseline PSNR "
-                f"{fmt(m.get('psnr_baseline'))} dB, SSIM {fmt(m.get('ssim_baseline'))}).")
-    if kind == C.KIND_SAMPLE:
-        return (f"Drew {sp.get('n')} digits by annealed Langevin dynamics from NCSN checkpoint "
-                f"{sp.get('checkpoint_id')} (job {sp.get('train_job')}), seed {sp.get('seed', 0)}, in {n} shards.")
-    if kind == C.KIND_EVAL_FID:
-        return (f"Compared the {sp.get('n_fake')} samples of job {sp.get('samples')} with {sp.get('reference')} "
-                f"({sp.get('reference_split')} split) using {m.get('feature_extractor', sp.get('feature_extractor'))}"
-                f" features: FID {fmt(m.get('fid'))}, IS {fmt(m.get('is_mean'))} +/- {fmt(m.get('is_std'))}.")
-    return f"A {kind} job of {n} shard(s)."
+    """One or two sentences of what the job did: the kind's own ``describe`` (kinds/)."""
+    import kinds
+
+    kind = kinds.find(data.job["kind"])
+    if kind is None:
+        return f"A {data.job['kind']} job of {data.job['shards_total']} shard(s)."
+    return kind.describe(data)
 
 
 def section_summary(data: ReportData) -> str:
@@ -236,12 +212,15 @@ def section_timings(data: ReportData) -> str:
 def section_metrics(data: ReportData) -> str:
     """Summary metrics, one curve per metric logged more than once (a single value is shown as a number), and
     checkpoints. What the pictures section shows (a training loss, the FID table) is not repeated here."""
-    kind = data.job["kind"]
-    hidden = set(FID_TABLE_METRICS) if kind == C.KIND_EVAL_FID else set()
+    import kinds
+
+    kind = kinds.find(data.job["kind"])
+    pictures = kind.pictures if kind is not None else ()
+    hidden = set(FID_TABLE_METRICS) if "fid_table" in pictures else set()
     rows = [{"name": k, "value": v} for k, v in data.summary.items() if k not in hidden]
     out = ['<section id="metrics"><h2>Metrics</h2>', _table(rows, ["name", "value"]) if rows else
            '<p class="muted">Shown with the pictures below.</p>']
-    curves = {n: c for n, c in data.curves.items() if not (n == "loss" and kind in TRAIN_KINDS)}
+    curves = {n: c for n, c in data.curves.items() if not (n == "loss" and "loss" in pictures)}
     once = [{"name": n, "step": c[0][0], "value": c[0][1]} for n, c in sorted(curves.items()) if len(c) == 1]
     names = sorted((n for n, c in curves.items() if len(c) > 1), key=lambda n: (n != "loss", n))
     for name in names[:8]:

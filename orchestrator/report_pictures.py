@@ -28,7 +28,6 @@ from shared.settings import Settings
 if TYPE_CHECKING:
     from orchestrator.report import ReportData
 
-TRAIN_KINDS = (C.KIND_TRAIN_TRANSLATOR, C.KIND_TRAIN_NCSN, C.KIND_TRAIN_CLASSIFIER)
 #: FIDs from fewer samples than this (either side) are biased upwards and noisy.
 FID_SMALL_SAMPLE = 2000
 #: Summary metrics the FID table shows (the metrics section leaves them out).
@@ -149,53 +148,72 @@ def fid_table(m: dict[str, Any]) -> str:
     return out
 
 
+def _invert_examples(settings: Settings, data: ReportData, examples: int, decode: bool) -> str:
+    return "<h3>Latent and decoded examples</h3>" + invert_examples(settings, data, examples, decode)
+
+
+def _loss(settings: Settings, data: ReportData, examples: int, decode: bool) -> str:
+    loss = data.curves.get("loss") or []
+    if len(loss) > 1:
+        return svg_lines({"loss": loss}, "Training loss", "step", "loss", width=860, height=320)
+    if loss:
+        return f'<p class="one-point">Training loss: {esc(fmt(loss[0][1]))} (logged once, at step {loss[0][0]})</p>'
+    return '<p class="muted">No loss logged yet.</p>'
+
+
+def _eval_grids(settings: Settings, data: ReportData, examples: int, decode: bool) -> str:
+    out = ["<h3>RGB | predicted IR | real IR</h3>"]
+    out += image_artifacts(settings, data.artifacts, 4) or ['<p class="muted">No grid recorded.</p>']
+    for name in ("psnr", "ssim"):
+        vals = list(data.per_item.get(name, {}).values())
+        base = data.per_item.get(f"{name}_baseline", {})
+        if vals:
+            out.append(svg_histogram(vals, f"{name.upper()} per test pair (translator)", name))
+        if base:
+            out.append(svg_histogram(list(base.values()), f"{name.upper()} per test pair (identity baseline)", name))
+    psnr = data.per_item.get("psnr", {})
+    if psnr:
+        worst = [{"pair": k, "psnr": v, "ssim": data.per_item.get("ssim", {}).get(k)}
+                 for k, v in sorted(psnr.items(), key=lambda kv: kv[1])[:5]]
+        out.append("<h3>Lowest-PSNR pairs</h3>" + table(worst, ["pair", "psnr", "ssim"]))
+    return "".join(out)
+
+
+def _sample_grids(settings: Settings, data: ReportData, examples: int, decode: bool) -> str:
+    grids = image_artifacts(settings, data.artifacts, 4) or ['<p class="muted">No grid recorded.</p>']
+    return "<h3>Sample grids</h3>" + "".join(grids)
+
+
+def _fid_table(settings: Settings, data: ReportData, examples: int, decode: bool) -> str:
+    """The FID/IS table, then the grids of the sample job it scored."""
+    from orchestrator.report import gather
+
+    out = [fid_table(data.summary)]
+    samples = next((i["ref"] for i in data.inputs if i["kind"] == "job" and i["role"] == "samples"), None)
+    if samples:
+        out.append(f"<h3>Samples (job {esc(samples)})</h3>")
+        out += image_artifacts(settings, gather(settings, samples).artifacts, 2) or [
+            '<p class="muted">No sample grid recorded.</p>']
+    return "".join(out)
+
+
+def _images(settings: Settings, data: ReportData, examples: int, decode: bool) -> str:
+    extra = image_artifacts(settings, data.artifacts, 8)
+    return "".join(["<h3>Images</h3>", *extra]) if extra else ""
+
+
+#: The picture blocks a kind names in its ``pictures`` (kinds/base.py PICTURES), in the order it names them.
+BLOCKS = {"invert_examples": _invert_examples, "loss": _loss, "eval_grids": _eval_grids,
+          "sample_grids": _sample_grids, "fid_table": _fid_table, "images": _images}
+
+
 def section_pictures(settings: Settings, data: ReportData, examples: int, decode: bool) -> str:
-    """The pictures that fit the job's kind (see the module docstring)."""
-    kind = data.job["kind"]
+    """The pictures that the job's kind asks for (see the module docstring)."""
+    import kinds
+
+    kind = kinds.find(data.job["kind"])
     out = ['<section id="pictures"><h2>Pictures</h2>',
            '<p class="muted">Click a picture to enlarge it; click elsewhere to close it.</p>']
-    if kind == C.KIND_INVERT:
-        out.append("<h3>Latent and decoded examples</h3>")
-        out.append(invert_examples(settings, data, examples, decode))
-    elif kind in TRAIN_KINDS:
-        loss = data.curves.get("loss") or []
-        if len(loss) > 1:
-            out.append(svg_lines({"loss": loss}, "Training loss", "step", "loss", width=860, height=320))
-        elif loss:
-            out.append(f'<p class="one-point">Training loss: {esc(fmt(loss[0][1]))} (logged once, at step '
-                       f"{loss[0][0]})</p>")
-        else:
-            out.append('<p class="muted">No loss logged yet.</p>')
-    elif kind == C.KIND_EVAL_TRANSLATOR:
-        out.append("<h3>RGB | predicted IR | real IR</h3>")
-        out += image_artifacts(settings, data.artifacts, 4) or ['<p class="muted">No grid recorded.</p>']
-        for name in ("psnr", "ssim"):
-            vals = list(data.per_item.get(name, {}).values())
-            base = data.per_item.get(f"{name}_baseline", {})
-            if vals:
-                out.append(svg_histogram(vals, f"{name.upper()} per test pair (translator)", name))
-            if base:
-                out.append(svg_histogram(list(base.values()), f"{name.upper()} per test pair (identity baseline)",
-                                         name))
-        psnr = data.per_item.get("psnr", {})
-        if psnr:
-            worst = [{"pair": k, "psnr": v, "ssim": data.per_item.get("ssim", {}).get(k)}
-                     for k, v in sorted(psnr.items(), key=lambda kv: kv[1])[:5]]
-            out.append("<h3>Lowest-PSNR pairs</h3>" + table(worst, ["pair", "psnr", "ssim"]))
-    elif kind == C.KIND_SAMPLE:
-        out.append("<h3>Sample grids</h3>")
-        out += image_artifacts(settings, data.artifacts, 4) or ['<p class="muted">No grid recorded.</p>']
-    elif kind == C.KIND_EVAL_FID:
-        from orchestrator.report import gather
-
-        out.append(fid_table(data.summary))
-        samples = next((i["ref"] for i in data.inputs if i["kind"] == "job" and i["role"] == "samples"), None)
-        if samples:
-            out.append(f"<h3>Samples (job {esc(samples)})</h3>")
-            out += image_artifacts(settings, gather(settings, samples).artifacts, 2) or [
-                '<p class="muted">No sample grid recorded.</p>']
-    if kind not in (C.KIND_EVAL_TRANSLATOR, C.KIND_SAMPLE):
-        extra = image_artifacts(settings, data.artifacts, 8)
-        if extra:
-            out += ["<h3>Images</h3>", *extra]
+    for name in kind.pictures if kind is not None else ("images",):
+        out.append(BLOCKS[name](settings, data, examples, decode))
     return "".join(out) + "</section>"

@@ -22,8 +22,6 @@ from shared import constants as C
 from shared.settings import Settings
 from shared.status import JobState, ShardState
 
-#: Job kinds whose single shard is a training run (progress counts optimiser steps).
-TRAIN_KINDS = (C.KIND_TRAIN_TRANSLATOR, C.KIND_TRAIN_NCSN, C.KIND_TRAIN_CLASSIFIER)
 #: Keys of a shard's progress that are bookkeeping, not something to show.
 _HIDDEN = {"job_id", "shard", "done", "total", "epoch", "loss", "resumed_from", "world_size", "unit"}
 
@@ -75,7 +73,10 @@ class JobView:
 
     @property
     def training(self) -> bool:
-        return self.kind in TRAIN_KINDS
+        import kinds  # a training kind's single shard is a run whose progress counts optimiser steps
+
+        kind = kinds.find(self.kind)
+        return kind is not None and kind.training
 
     @property
     def fraction(self) -> float:

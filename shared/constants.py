@@ -10,32 +10,8 @@ QUEUE_CPU = "cpu"
 QUEUES = (QUEUE_GPU, QUEUE_TRAIN, QUEUE_CPU)
 
 # -- Task names (what Flower shows) -----------------------------------------------------------------------------------
-TASK_INVERT_SHARD = "invert.shard"
-TASK_TRAIN_RUN = "train.run"
-TASK_EVAL_TRANSLATOR_SHARD = "eval_translator.shard"
-TASK_SAMPLE_SHARD = "sample.shard"
-TASK_EVAL_FID = "eval_fid.run"
+#: The one task that belongs to no job kind; the kinds' own task names and queues are declared in kinds/.
 TASK_REAP = "maintenance.reap"
-TASK_BENCH_SHARD = "bench.shard"
-
-# -- Job kinds --------------------------------------------------------------------------------------------------------
-KIND_INVERT = "invert"
-KIND_TRAIN_TRANSLATOR = "train-translator"
-KIND_EVAL_TRANSLATOR = "eval-translator"
-KIND_TRAIN_NCSN = "train-ncsn"
-KIND_TRAIN_CLASSIFIER = "train-classifier"
-KIND_SAMPLE = "sample"
-KIND_EVAL_FID = "eval-fid"
-KIND_BENCH = "bench"  # benchmarks/overhead.py: a fixed CPU kernel per shard
-JOB_KINDS = (
-    KIND_INVERT,
-    KIND_TRAIN_TRANSLATOR,
-    KIND_EVAL_TRANSLATOR,
-    KIND_TRAIN_NCSN,
-    KIND_TRAIN_CLASSIFIER,
-    KIND_SAMPLE,
-    KIND_EVAL_FID,
-)
 
 # -- Artifact kinds ---------------------------------------------------------------------------------------------------
 ARTIFACT_LATENTS = "latents"
@@ -72,15 +48,3 @@ EXIT_OK = 0
 EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader (`| head`) went away
-
-#: Which task runs a shard of which kind of job.
-TASK_FOR_KIND = {
-    KIND_INVERT: TASK_INVERT_SHARD,
-    KIND_TRAIN_TRANSLATOR: TASK_TRAIN_RUN,
-    KIND_TRAIN_NCSN: TASK_TRAIN_RUN,
-    KIND_TRAIN_CLASSIFIER: TASK_TRAIN_RUN,
-    KIND_EVAL_TRANSLATOR: TASK_EVAL_TRANSLATOR_SHARD,
-    KIND_SAMPLE: TASK_SAMPLE_SHARD,
-    KIND_EVAL_FID: TASK_EVAL_FID,
-    KIND_BENCH: TASK_BENCH_SHARD,
-}

@@ -28,3 +28,9 @@ def test_workers_and_shared_never_import_the_control_plane():
 
 def test_shared_imports_no_worker_code():
     assert not [(f, m) for f, m in _imports("shared") if m == "workers" or m.startswith("workers.")]
+
+
+def test_kinds_never_import_the_control_plane():
+    """Workers read the kinds (routes, work, finalisers), so a kind reaching into orchestrator/ would run upward."""
+    assert not [(f, m) for f, m in _imports("kinds") if m == "orchestrator" or m.startswith("orchestrator.")]
+    assert not [(f, m) for f, m in _imports("shared") if m == "kinds" or m.startswith("kinds.")]

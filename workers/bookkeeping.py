@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import JSON, and_, bindparam, case, func, literal_column, or_, select, update
 from sqlalchemy.orm import Session
 
+import kinds
 from shared import constants as C
 from shared.db import session_scope, transaction
 from shared.models import Job, Shard
@@ -39,10 +40,6 @@ log = logging.getLogger(__name__)
 
 #: Longest time (s) a running shard takes to notice that its job was cancelled (Heartbeat.poll).
 CANCEL_POLL_SECONDS = 1.0
-
-#: Called inside the completing transaction when a job's last shard finishes: kind -> fn(session, job).
-FINALIZERS: dict[str, Callable[[Session, Job], None]] = {}
-
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -355,9 +352,9 @@ def complete_shard(
         done, total, state = conn.execute(_COUNT_DONE, params).one()
         if done == total and state == JobState.RUNNING:
             job = s.get(Job, job_id, populate_existing=True)  # `record` may have loaded it before the UPDATE
-            finalizer = FINALIZERS.get(job.kind)
-            if finalizer is not None:
-                finalizer(s, job)
+            kind = kinds.find(job.kind)
+            if kind is not None and kind.finalize is not None:
+                kinds.resolve(kind.finalize)(s, job)
             job.state = JobState.SUCCEEDED.value
             job.finished_at = now
     return True

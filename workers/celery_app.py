@@ -14,6 +14,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
+import kinds
 from shared import constants as C
 from shared.logs import quiet_third_party
 from shared.settings import Settings
@@ -72,15 +73,7 @@ def make_app(settings: Settings | None = None, sent_events: bool = True, set_as_
         worker_lost_wait=2.0,
         task_default_queue=C.QUEUE_CPU,
         task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in C.QUEUES],
-        task_routes={
-            C.TASK_INVERT_SHARD: {"queue": C.QUEUE_GPU},
-            C.TASK_EVAL_TRANSLATOR_SHARD: {"queue": C.QUEUE_GPU},
-            C.TASK_SAMPLE_SHARD: {"queue": C.QUEUE_GPU},
-            C.TASK_EVAL_FID: {"queue": C.QUEUE_GPU},
-            C.TASK_TRAIN_RUN: {"queue": C.QUEUE_TRAIN},
-            C.TASK_REAP: {"queue": C.QUEUE_CPU},
-            C.TASK_BENCH_SHARD: {"queue": C.QUEUE_CPU},
-        },
+        task_routes={**kinds.task_routes(), C.TASK_REAP: {"queue": C.QUEUE_CPU}},
         imports=("workers.tasks",),
     )
     return app

@@ -13,7 +13,7 @@ from functools import lru_cache
 from celery import Celery
 from sqlalchemy import select, update
 
-from shared import constants as C
+import kinds
 from shared.db import session_scope
 from shared.models import Job, Shard
 from shared.settings import Settings
@@ -110,7 +110,7 @@ def enqueue_shards(settings: Settings, job_id: str, indices: Sequence[int] | Non
                 )
     if not indices:
         return 0
-    task_name = C.TASK_FOR_KIND[kind]
+    task_name = kinds.get(kind).task
     indices = [int(i) for i in indices]
     app = _app_for(settings, sent_events=len(indices) <= SENT_EVENTS_MAX)
     queue = app.amqp.queues[queue_for(settings, task_name)]

@@ -126,9 +126,9 @@ def guard(handler, consumer):
 def wrong_task(kind: str, task_name: str | None) -> str | None:
     """Why a message of task `task_name` may not run a shard of a `kind` job (another task's code would run it with
     the wrong work function and fail the job), or None when it may, or when there is no task name to check."""
-    from shared.constants import TASK_FOR_KIND
+    import kinds
 
-    expected = TASK_FOR_KIND.get(kind)
+    expected = kinds.task_for_kind().get(kind)
     if task_name is None or task_name == expected:
         return None
     return f"{WRONG_TASK}: {task_name!r} cannot run a shard of a job of kind {kind!r} (its task is {expected!r})"

@@ -21,6 +21,7 @@ from datetime import timedelta
 
 from sqlalchemy import and_, select, update
 
+import kinds
 from shared.db import session_scope
 from shared.models import Job, Shard
 from shared.settings import Settings
@@ -93,7 +94,6 @@ def _end_dead_shards_of_ended_jobs(settings: Settings, now) -> int:
 
 
 def _republish_lost(settings: Settings, now, requeue_after: float) -> list[tuple[str, int]]:
-    from shared import constants as C
 
     cutoff = now - timedelta(seconds=requeue_after)
     with session_scope(settings) as s:
@@ -111,7 +111,7 @@ def _republish_lost(settings: Settings, now, requeue_after: float) -> list[tuple
     lengths, _ = queue_lengths(settings)
     out = []
     for shard_id, job_id, index, enqueued_at, kind in stale:
-        queue = queue_for(settings, C.TASK_FOR_KIND[kind])
+        queue = queue_for(settings, kinds.get(kind).task)
         if lengths.get(queue, 1) != 0:
             continue  # a backlog: the message is most likely still waiting
         with session_scope(settings) as s:

@@ -17,6 +17,7 @@ from queue import Empty
 
 import pytest
 
+import kinds
 from tests.conftest import require_servers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,11 +77,10 @@ def test_overhead_ray_column(tmp_path):
 def test_bench_job_records_one_metric_per_shard(embedded):
     """The `bench` kind through the real exactly-once path, in process."""
     from orchestrator import jobs, queries
-    from shared import constants as C
     from workers.runner import run_shard
     from workers.tasks.bench import bench_work, kernel
 
-    job_id = jobs.create_job(embedded, C.KIND_BENCH, {"size": 8, "repeats": 2}, 3)
+    job_id = jobs.create_job(embedded, "bench", {"size": 8, "repeats": 2}, 3)
     for i in range(3):
         run_shard(embedded, job_id, i, bench_work)
     assert run_shard(embedded, job_id, 1, bench_work)["skipped"] == "already done"
@@ -88,7 +88,7 @@ def test_bench_job_records_one_metric_per_shard(embedded):
     rows = queries.results(embedded, job_id)
     assert [r["item"] for r in rows] == ["shard-0", "shard-1", "shard-2"]
     assert rows[1]["checksum"] == pytest.approx(kernel(1, 8, 2))
-    assert C.TASK_FOR_KIND[C.KIND_BENCH] == C.TASK_BENCH_SHARD
+    assert kinds.get("bench").task == "bench.shard"
 
 
 def test_submit_embedded(tmp_path):

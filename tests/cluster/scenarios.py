@@ -15,13 +15,15 @@ from statistics import mean
 from sqlalchemy import select
 
 from orchestrator import jobs
-from orchestrator.submit import submit_invert
+from orchestrator.submit import submitter
 from shared.db import session_scope
 from shared.models import Shard
 from shared.status import JobState
 from tests.cluster.harness import Harness, ShardWatch
 from tests.faults import cluster as cl
 from tests.faults.state import Inputs, Plan, References, compare, fingerprint
+
+submit_invert = submitter("invert")
 
 #: The job of every invert scenario: 16 shards of 2 synthetic pairs, 64 px, the tiny SD model.
 PLAN = Plan(pairs=32, shards=16)

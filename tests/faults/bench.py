@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from orchestrator import jobs
-from orchestrator.submit import submit_invert
+from orchestrator.submit import submitter
 from shared import constants as C
 from shared.db import ensure_schema, session_scope
 from shared.models import Job, Shard
@@ -25,6 +25,8 @@ from tests.faults.state import (
     compare,
     fingerprint,
 )
+
+submit_invert = submitter("invert")
 
 #: Lease of every case (s): a dead owner's shard is free again after at most this long.
 LEASE_SECONDS = 4.0

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 
 from orchestrator import jobs
-from orchestrator.submit import submit_invert
+from orchestrator.submit import submitter
 from shared import constants as C
 from shared.db import session_scope
 from shared.models import Job, Shard
@@ -162,7 +162,8 @@ def kill_node_mid_training(bench: Bench, epochs: int = 6, every: int = 5) -> lis
     losses the killed attempt logged for them (training resumes deterministically), so the end state is the
     fault-free run's.
     """
-    from orchestrator.submit import submit_train_translator
+    from orchestrator.submit import submitter
+    submit_train_translator = submitter("train-translator")
     from shared.models import Checkpoint, Metric
 
     s, t0 = bench.fresh("train"), time.monotonic()
@@ -405,7 +406,7 @@ def _host_port(url: str) -> tuple[str, int]:
 def _publish(settings: Settings, job_id: str, index: int, task_id: str) -> None:
     from workers.dispatch import get_app
 
-    get_app(settings).send_task(C.TASK_INVERT_SHARD, kwargs={"job_id": job_id, "shard_index": index},
+    get_app(settings).send_task("invert.shard", kwargs={"job_id": job_id, "shard_index": index},
                                 task_id=task_id)
 
 
@@ -615,13 +616,15 @@ def _crash_inside_create_job(settings: Settings) -> bool:
     before = counts()
     item = {"pair_id": "p", "split": "train", "rgb_path": "a", "ir_path": "b", "shard_index": 0}
     try:
-        jobs.create_job(settings, C.KIND_INVERT, {}, 2, [item, item])
+        jobs.create_job(settings, "invert", {}, 2, [item, item])
     except IntegrityError:
         pass
     return counts() == before
 
 
 from tests.faults.cases_messages import poison_messages, submit_broker_down, wrong_task_messages  # noqa: E402
+
+submit_invert = submitter("invert")
 
 
 @dataclass(frozen=True)

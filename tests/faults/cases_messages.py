@@ -37,7 +37,7 @@ def poison_messages(bench: Bench) -> list[Outcome]:
         nodes = cluster.start(2)
         job_id = submit(s, bench, plan)
         for b in BROKEN:
-            task = C.TASK_INVERT_SHARD if b.queue == C.QUEUE_GPU else C.TASK_BENCH_SHARD
+            task = "invert.shard" if b.queue == C.QUEUE_GPU else "bench.shard"
             publish_raw(s, b.queue, task, {"job_id": job_id, "shard_index": 0}, b)
         wait_job(s, job_id)
         recorded = _records(s, len(BROKEN), before)
@@ -66,8 +66,8 @@ def wrong_task_messages(bench: Bench) -> list[Outcome]:
     with bench.cluster(s, "wrong-task", queues="gpu,cpu,train") as cluster:
         nodes = cluster.start(2)
         for i in range(plan.shards):
-            publish_task(s, C.TASK_TRAIN_RUN, job_id, i, C.QUEUE_TRAIN)
-            publish_task(s, C.TASK_SAMPLE_SHARD, job_id, i, C.QUEUE_GPU)
+            publish_task(s, "train.run", job_id, i, C.QUEUE_TRAIN)
+            publish_task(s, "sample.shard", job_id, i, C.QUEUE_GPU)
         recorded = _records(s, 2 * plan.shards, before)
         untouched = shards_in(s, job_id, "pending") == plan.shards and set(attempts_of(s, job_id).values()) == {0}
         enqueue_shards(s, job_id)

@@ -106,7 +106,8 @@ def crash_before_publish() -> Iterator[None]:
 
 def create_unpublished(settings: Settings, inputs: Inputs, plan: Plan) -> str:
     """The job's rows exactly as `orchestrator submit invert` creates them, with nothing published."""
-    from orchestrator.submit import submit_invert
+    from orchestrator.submit import submitter
+    submit_invert = submitter("invert")
     from shared.db import ensure_schema
 
     ensure_schema(settings)
@@ -263,7 +264,8 @@ def compare(ref: Fingerprint, got: Fingerprint) -> Verdict:
 
 def run_reference(home: Path, inputs: Inputs, plan: Plan) -> str:
     """Run the plan's job fault-free in this process (the shards one after another) under `home`; its job id."""
-    from orchestrator.submit import submit_invert
+    from orchestrator.submit import submitter
+    submit_invert = submitter("invert")
     from tests.threads import torch_threads
     from workers.runner import run_shard
     from workers.tasks.invert import invert_work

@@ -9,13 +9,15 @@ from sqlalchemy import select
 
 from orchestrator import jobs, queries
 from orchestrator.exporter import db_gauges
-from orchestrator.submit import submit_invert
+from orchestrator.submit import submitter
 from shared.db import session_scope
 from shared.models import Shard
 from shared.status import JobState, ShardState
 from tests.faults import cluster as cl
 from tests.faults.bench import LEASE_SECONDS, shards_in, short_lease, wait_job, wait_running_on
 from tests.faults.state import SMALL
+
+submit_invert = submitter("invert")
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 

@@ -65,7 +65,8 @@ def _frozen(bench: Bench, mode: str, epochs: int, every: int) -> Outcome:
     """`mode` "supervisor": SIGSTOP of the pool child alone; its torchrun group runs on and must stop itself.
     "node": SIGSTOP of every process of the node and of its torchrun group until the other node has finished the
     run; woken up, the stale group must stop by itself and its supervisor record nothing."""
-    from orchestrator.submit import submit_train_translator
+    from orchestrator.submit import submitter
+    submit_train_translator = submitter("train-translator")
     from tests.faults.cases import _events, fingerprint_training
 
     title = f"frozen training worker ({'supervisor' if mode == 'supervisor' else 'whole worker'} SIGSTOP)"

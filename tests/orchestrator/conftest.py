@@ -33,7 +33,7 @@ def run_invert_inline(settings, data: Path, model: Path, shards: int = 4, **kw) 
     from workers.runner import run_shard
     from workers.tasks.invert import invert_work
 
-    job_id = create_only(submit_mod.submit_invert, settings, invert_args(data, model, shards, **kw))
+    job_id = create_only(submit_mod.submitter("invert"), settings, invert_args(data, model, shards, **kw))
     with torch_threads(1):  # as in the workers: the latents a test compares with theirs are the same bytes
         for i in range(shards):
             run_shard(settings, job_id, i, invert_work)

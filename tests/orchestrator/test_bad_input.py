@@ -154,7 +154,7 @@ def test_image_broken_after_submission(tmp_path, data, tiny_sd, skip_bad):
     from workers.tasks.invert import invert_work
 
     s = embedded_settings(tmp_path / "orch")
-    job_id = create_only(submit_mod.submit_invert, s, invert_args(data, tiny_sd, 1, batch_size=4,
+    job_id = create_only(submit_mod.submitter("invert"), s, invert_args(data, tiny_sd, 1, batch_size=4,
                                                                   skip_bad=skip_bad))
     with session_scope(s) as ss:
         pairs = ss.execute(select(Item.pair_id).where(Item.job_id == job_id).order_by(Item.pair_id)).scalars().all()

@@ -14,14 +14,15 @@ from sqlalchemy import select
 
 from orchestrator import jobs
 from orchestrator.demo import local_workers
-from orchestrator.submit import submit_invert
-from shared import constants as C
+from orchestrator.submit import submitter
 from shared.db import session_scope
 from shared.models import Shard
 from shared.status import ShardState
 from shared.storage import Storage
 from tests.orchestrator.conftest import create_only, invert_args
 from workers.runner import run_shard
+
+submit_invert = submitter("invert")
 
 #: The bound the issue sets: cancel -> worker free, on a CPU.
 CANCEL_BOUND_S = 10.0
@@ -99,7 +100,7 @@ def test_cancel_stops_langevin_sampling_within_seconds(fast_lease):
     uri = _write_ncsn_checkpoint(fast_lease)
     spec = {"checkpoint_id": 0, "checkpoint_uri": uri, "train_job": "none", "n": 64, "shards": 1, "seed": 0,
             "batch_size": 64, "n_steps_each": 5000}  # 50,000 score calls in one batch
-    job_id = jobs.create_job(fast_lease, C.KIND_SAMPLE, spec, 1)
+    job_id = jobs.create_job(fast_lease, "sample", spec, 1)
     out, seconds, progress = _cancel_inline(fast_lease, job_id, sample_work)
     assert out.get("cancelled") is True, out
     assert seconds < CANCEL_BOUND_S, f"sampling took {seconds:.1f} s to stop after the cancel"

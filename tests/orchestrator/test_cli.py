@@ -57,7 +57,8 @@ def test_retry_failed_reruns_only_failed_shards(home, capsys, tmp_path, tiny_sd)
     from sqlalchemy import select
 
     from orchestrator import jobs
-    from orchestrator.submit import submit_invert
+    from orchestrator.submit import submitter
+    submit_invert = submitter("invert")
     from shared.db import session_scope
     from shared.models import Shard
     from tests.orchestrator.conftest import create_only, invert_args

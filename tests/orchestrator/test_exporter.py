@@ -16,15 +16,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import exporter as ex
 from orchestrator import jobs
-from shared import constants as C
 from shared.settings import Settings
 from workers.dispatch import enqueue_shards, get_app
 
 
 def _publish(settings: Settings) -> dict[str, str]:
     """3 shards on the gpu queue and 1 training run on the train queue, published like `submit` does."""
-    gpu = jobs.create_job(settings, C.KIND_EVAL_TRANSLATOR, {}, 3)
-    train = jobs.create_job(settings, C.KIND_TRAIN_TRANSLATOR, {}, 1)
+    gpu = jobs.create_job(settings, "eval-translator", {}, 3)
+    train = jobs.create_job(settings, "train-translator", {}, 1)
     assert enqueue_shards(settings, gpu) == 3 and enqueue_shards(settings, train) == 1
     return {"gpu": gpu, "train": train}
 
@@ -50,7 +49,7 @@ def test_filesystem_broker_counts_message_files(embedded):
 def test_redis_lengths_match_kombu_with_priorities_and_unacked(servers):
     _publish(servers)
     app = get_app(servers)
-    app.send_task(C.TASK_EVAL_TRANSLATOR_SHARD, kwargs={"job_id": "x", "shard_index": 0}, queue="gpu", priority=5)
+    app.send_task("eval_translator.shard", kwargs={"job_id": "x", "shard_index": 0}, queue="gpu", priority=5)
     import redis
     from kombu.transport.redis import Channel
 

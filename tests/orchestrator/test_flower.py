@@ -32,13 +32,14 @@ from sqlalchemy import select
 from orchestrator import flower as fl
 from orchestrator import jobs
 from orchestrator.demo import local_workers
-from orchestrator.submit import submit_invert
-from shared import constants as C
+from orchestrator.submit import submitter
 from shared.db import session_scope
 from shared.models import Shard
 from shared.settings import Settings
 from tests.conftest import REDIS_URL, require_servers
 from tests.orchestrator.test_report import run_chromium, screenshot_is_not_blank
+
+submit_invert = submitter("invert")
 
 USER, PASSWORD = "ops", uuid.uuid4().hex[:16]
 
@@ -118,7 +119,7 @@ def flower_run(tmp_path_factory, pg_database, tiny_sd, m3fd_small):
             assert job.state == "succeeded", job.error
 
             def all_succeeded():
-                tasks = api(base, f"/api/tasks?taskname={C.TASK_INVERT_SHARD}")
+                tasks = api(base, "/api/tasks?taskname=invert.shard")
                 return len(tasks) == 4 and all(t["state"] == "SUCCESS" for t in tasks.values())
 
             _wait_for(all_succeeded, 60, "Flower to see 4 succeeded shard tasks")
@@ -140,7 +141,7 @@ def test_rest_api_lists_every_shard_task_with_job_shard_worker_runtime_and_resul
     workers = api(r.base, "/api/workers?refresh=1")
     names = sorted(workers)
     assert len(names) == 2 and all(n.startswith(("local0@", "local1@")) for n in names), names
-    tasks = api(r.base, f"/api/tasks?taskname={C.TASK_INVERT_SHARD}")
+    tasks = api(r.base, "/api/tasks?taskname=invert.shard")
     seen = set()
     for task_id, t in tasks.items():
         assert t["name"] == "invert.shard" and t["state"] == "SUCCESS"
@@ -175,7 +176,7 @@ def test_api_is_closed_without_credentials_and_metrics_count_progress_events(flo
     metrics = api(r.base, "/metrics", auth=None)  # Prometheus scrapes without credentials
     progress = [ln for ln in metrics.splitlines()
                 if ln.startswith("flower_events_total{") and 'type="task-progress"' in ln
-                and f'task="{C.TASK_INVERT_SHARD}"' in ln]
+                and 'task="invert.shard"' in ln]
     assert progress and sum(float(ln.rsplit(" ", 1)[1]) for ln in progress) >= 4  # at least one per shard
 
 
@@ -195,7 +196,7 @@ def test_dashboard_in_headless_chromium_shows_workers_and_tasks(flower_run):
         else:
             assert dom.count(">invert.shard<") == 4 and "SUCCESS" in dom
             assert all(f"shard {i} of {r.job_id}" in dom for i in range(4))  # kwargs as Flower displays them
-    task_id = next(iter(api(r.base, f"/api/tasks?taskname={C.TASK_INVERT_SHARD}")))  # the API keeps raw kwargs
+    task_id = next(iter(api(r.base, "/api/tasks?taskname=invert.shard")))  # the API keeps raw kwargs
     dom = run_chromium(f"{auth_base}/task/{task_id}", r.tmp, dump_dom=True)
     assert "Progress" in dom and "pairs_per_s" in dom  # the task page lists the progress field
     print(f"Flower screenshots: {shots['workers']} {shots['tasks']}")
@@ -245,7 +246,7 @@ def test_shard_context_progress_sends_throttled_events_and_survives_a_broker_err
             sent.append((type_, fields))
 
     hb = SimpleNamespace(progress=lambda **kw: beats.append(kw))
-    ctx = ShardContext(None, None, "invert-1", 3, C.KIND_INVERT, {}, 1, "o", hb, Task())
+    ctx = ShardContext(None, None, "invert-1", 3, "invert", {}, 1, "o", hb, Task())
     ctx.progress(1, 10, pairs_per_s=2.5)
     ctx.progress(2, 10, pairs_per_s=2.5)  # within a second of the last event: the DB gets it, Flower does not
     ctx.progress(10, 10, pairs_per_s=2.75, loss=None)  # the last one always goes out
@@ -261,8 +262,8 @@ def test_shard_context_progress_sends_throttled_events_and_survives_a_broker_err
         def send_event(self, type_, **fields):
             raise ConnectionError("broker down")
 
-    ShardContext(None, None, "j", 0, C.KIND_INVERT, {}, 1, "o", hb, Broken()).progress(1, 2)  # no exception
-    ShardContext(None, None, "j", 0, C.KIND_INVERT, {}, 1, "o", hb, None).progress(1, 2)  # no task: DB only
+    ShardContext(None, None, "j", 0, "invert", {}, 1, "o", hb, Broken()).progress(1, 2)  # no exception
+    ShardContext(None, None, "j", 0, "invert", {}, 1, "o", hb, None).progress(1, 2)  # no task: DB only
 
 
 def test_flower_command_line_and_the_unauthenticated_api_switch(monkeypatch, tmp_path):

@@ -12,12 +12,14 @@ from sqlalchemy import func, select, update
 
 from orchestrator import jobs, queries
 from orchestrator.demo import local_workers
-from orchestrator.submit import submit_invert
+from orchestrator.submit import submitter
 from shared.db import session_scope
 from shared.models import Artifact, Item, Job, Shard
 from shared.status import JobState, ShardState
 from shared.storage import Storage
 from workers import bookkeeping as bk
+
+submit_invert = submitter("invert")
 
 pytestmark = pytest.mark.slow
 

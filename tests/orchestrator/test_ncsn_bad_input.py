@@ -32,13 +32,13 @@ def test_ncsn_bad_input_is_one_line_exit_2_and_no_rows(home, capsys):
     s = embedded_settings(home)
     ensure_schema(s)
     ns = argparse.Namespace
-    ncsn = create_only(submit_mod.submit_train_ncsn, s, ns(
+    ncsn = create_only(submit_mod.submitter("train-ncsn"), s, ns(
         data="mnist:embedded", preset="ncsn", epochs=1, batch_size=8, lr=None, gpus=1, base_channels=8,
         max_train_samples=64, steps_each=None, amp=False, checkpoint_every=0, max_steps=None, log_every=1, seed=0))
-    clf = create_only(submit_mod.submit_train_classifier, s, ns(
+    clf = create_only(submit_mod.submitter("train-classifier"), s, ns(
         data="mnist:embedded", epochs=1, batch_size=8, lr=None, gpus=1, max_train_samples=64, log_every=1, seed=0))
     ncsn_ckpt, clf_ckpt = _with_checkpoint(s, ncsn), _with_checkpoint(s, clf)
-    queued = create_only(submit_mod.submit_sample, s, ns(checkpoint=ncsn_ckpt, n=8, shards=1, batch_size=8,
+    queued = create_only(submit_mod.submitter("sample"), s, ns(checkpoint=ncsn_ckpt, n=8, shards=1, batch_size=8,
                                                           steps_each=2, seed=0))
     before = n_rows(home)
 

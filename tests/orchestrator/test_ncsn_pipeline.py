@@ -32,7 +32,7 @@ def test_ncsn_train_sample_eval(backend, tmp_path):
     from workers.tasks.train import train_work
 
     s = backend
-    train_id = create_only(submit_mod.submit_train_ncsn, s, ncsn_args())
+    train_id = create_only(submit_mod.submitter("train-ncsn"), s, ncsn_args())
     run_shard(s, train_id, 0, train_work)
     assert jobs.get_job(s, train_id).state == "succeeded"
     ckpt = int(queries.summary_metrics(s, train_id)["final_checkpoint_id"])
@@ -40,14 +40,14 @@ def test_ncsn_train_sample_eval(backend, tmp_path):
 
     cargs = argparse.Namespace(data="mnist:embedded", epochs=1, batch_size=64, lr=2e-3, gpus=1,
                                max_train_samples=1000, log_every=5, seed=0)
-    clf_id = create_only(submit_mod.submit_train_classifier, s, cargs)
+    clf_id = create_only(submit_mod.submitter("train-classifier"), s, cargs)
     run_shard(s, clf_id, 0, train_work)
     assert queries.summary_metrics(s, clf_id)["test_accuracy"] > 0.5
     clf_ckpt = int(queries.summary_metrics(s, clf_id)["final_checkpoint_id"])
 
     sargs = argparse.Namespace(checkpoint=ckpt, n=40, shards=4, batch_size=16, steps_each=2, seed=7)
     with local_workers(s, 2, "gpu,cpu", tmp_path / "logs"):
-        sample_id = submit_mod.submit_sample(s, sargs)
+        sample_id = submit_mod.submitter("sample")(s, sargs)
         job = jobs.wait(s, sample_id, timeout=300)
     assert job.state == "succeeded", job.error
     rows = queries.results(s, sample_id)
@@ -60,7 +60,7 @@ def test_ncsn_train_sample_eval(backend, tmp_path):
     fargs = argparse.Namespace(samples=sample_id, reference="mnist:embedded", reference_split="test", n_real=200,
                                features="mnist-classifier", inception_weights=None, classifier=clf_ckpt,
                                is_splits=2, seed=0)
-    fid_id = create_only(submit_mod.submit_eval_fid, s, fargs)
+    fid_id = create_only(submit_mod.submitter("eval-fid"), s, fargs)
     run_shard(s, fid_id, 0, eval_fid_work)
     m = queries.summary_metrics(s, fid_id)
     assert m["n_fake"] == 40 and m["n_real"] == 200 and m["fid"] > 0 and m["is_mean"] >= 1.0

@@ -29,8 +29,8 @@ def recorded(tmp_path_factory):
     s = embedded_settings(home)
     s.ensure_local_folders()
     storage = Storage(s.storage)
-    sample = jobs.create_job(s, C.KIND_SAMPLE, {"n": 2}, 2)
-    ev = jobs.create_job(s, C.KIND_EVAL_TRANSLATOR, {"test_pairs": 2000}, 1)
+    sample = jobs.create_job(s, "sample", {"n": 2}, 2)
+    ev = jobs.create_job(s, "eval-translator", {"test_pairs": 2000}, 1)
     with session_scope(s) as ss:
         uris = []
         for i in range(2):
@@ -134,6 +134,21 @@ def test_control_plane_commands_import_no_torch(recorded):
             "    assert main(argv) == 0, argv\n"
             "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'torchvision', 'mlxtend') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
+    res = subprocess.run([sys.executable, "-c", code, recorded["eval"]], capture_output=True, text=True,
+                         env=recorded["env"], cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_query_commands_import_neither_celery_nor_task_modules(recorded):
+    """--help, jobs, status and results read the DB (and the kinds' declarations) only: no Celery, no torch, no task
+    module, so they start fast on a control-plane host."""
+    code = ("import sys\nfrom orchestrator.cli import main\n"
+            "for argv in (['jobs'], ['status', sys.argv[1]], ['results', sys.argv[1], '--limit', '2']):\n"
+            "    assert main(argv) == 0, argv\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('celery', 'torch', 'kombu')\n"
+            "       or m.startswith('workers.tasks')]\n"
+            "assert not bad, sorted(bad)[:10]\n")
     res = subprocess.run([sys.executable, "-c", code, recorded["eval"]], capture_output=True, text=True,
                          env=recorded["env"], cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from orchestrator import plan
-from orchestrator.submit import submit_invert
+from kinds import invert as plan
+from orchestrator.submit import submitter
 from tests.conftest import embedded_settings
 from tests.orchestrator.conftest import create_only, invert_args
+
+submit_invert = submitter("invert")
 
 
 def test_submit_warns_in_one_line_when_images_are_smaller_than_the_crop(tmp_path, tiny_sd, m3fd_small, capsys):

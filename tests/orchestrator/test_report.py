@@ -112,7 +112,7 @@ def _record_ncsn_jobs(s) -> tuple[str, str]:
 
     digits, _ = load_mnist("mnist:embedded", "test")
     storage = Storage(s.storage)
-    sample_id = jobs.create_job(s, C.KIND_SAMPLE, {"n": 128, "shards": 2, "seed": 3, "checkpoint_id": 1,
+    sample_id = jobs.create_job(s, "sample", {"n": 128, "shards": 2, "seed": 3, "checkpoint_id": 1,
                                                    "train_job": "train-x"}, 2,
                                 lineage=[("checkpoint", "1", "score-model")])
     for i in range(2):
@@ -124,7 +124,7 @@ def _record_ncsn_jobs(s) -> tuple[str, str]:
                                  lambda ss, g=grid, k=i: record_artifact(ss, sample_id, k, C.ARTIFACT_IMAGE, g,
                                                                          {"what": "sample grid"}),
                                  {"n": 64, "seconds": 0.5})
-    fid_id = jobs.create_job(s, C.KIND_EVAL_FID, {"samples": sample_id, "reference": "mnist:embedded",
+    fid_id = jobs.create_job(s, "eval-fid", {"samples": sample_id, "reference": "mnist:embedded",
                                                   "reference_split": "test", "n_fake": 128,
                                                   "features": "mnist-classifier",
                                                   "feature_extractor": "mnist-classifier (checkpoint 2)"}, 1,
@@ -147,18 +147,18 @@ def pipeline(tmp_path_factory, tiny_sd, m3fd_small):
 
     s = embedded_settings(tmp_path_factory.mktemp("report") / "orch")
     s.ensure_local_folders()
-    inv = _create_only(submit_mod.submit_invert, s, invert_args(m3fd_small, tiny_sd, shards=4))
+    inv = _create_only(submit_mod.submitter("invert"), s, invert_args(m3fd_small, tiny_sd, shards=4))
     for i in range(4):  # this process is the worker
         run_shard(s, inv, i, invert_work)
     assert jobs.get_job(s, inv).state == "succeeded"
     targs = argparse.Namespace(latents=inv, preset="readme", epochs=4, lr=3e-3, weight_decay=0.0, batch_size=4,
                                gpus=1, base_channels=8, depth=2, amp=False, checkpoint_every=0, max_steps=None,
                                log_every=1, seed=0)
-    train = _create_only(submit_mod.submit_train_translator, s, targs)
+    train = _create_only(submit_mod.submitter("train-translator"), s, targs)
     run_shard(s, train, 0, train_work)
     assert jobs.get_job(s, train).state == "succeeded"
     ckpt = int(queries.summary_metrics(s, train)["final_checkpoint_id"])
-    ev = _create_only(submit_mod.submit_eval_translator, s, argparse.Namespace(checkpoint=ckpt, shards=2,
+    ev = _create_only(submit_mod.submitter("eval-translator"), s, argparse.Namespace(checkpoint=ckpt, shards=2,
                                                                                batch_size=4))
     for i in range(2):
         run_shard(s, ev, i, eval_translator_work)
@@ -286,7 +286,7 @@ def test_latent_tile_and_ticks():
 
 
 def test_one_point_curves_are_numbers_and_large_fids_carry_no_note():
-    data = rp.ReportData({"id": "eval-x", "kind": C.KIND_EVAL_TRANSLATOR}, [], {"psnr": 21.5},
+    data = rp.ReportData({"id": "eval-x", "kind": "eval-translator"}, [], {"psnr": 21.5},
                          {"lr": [(0, 0.001)], "grad_norm": [(0, 1.0), (1, 0.5)]}, {}, [], [], [], [])
     html = rp.section_metrics(data)
     assert html.count("<svg") == 1 and "grad_norm per step" in html and "lr per step" not in html

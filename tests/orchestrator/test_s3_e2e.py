@@ -22,7 +22,7 @@ from sqlalchemy import select, text, update
 
 from orchestrator import jobs
 from orchestrator.demo import local_workers
-from orchestrator.submit import submit_invert
+from orchestrator.submit import submitter
 from shared import constants as C
 from shared.db import get_engine, session_scope
 from shared.models import Artifact, Item, Job, Shard
@@ -30,6 +30,8 @@ from shared.status import ShardState
 from shared.storage import Storage
 from tests.orchestrator.test_flower import PASSWORD, USER, _free_port, _wait_for, api
 from workers import bookkeeping as bk
+
+submit_invert = submitter("invert")
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -98,7 +100,7 @@ def test_invert_on_object_storage_with_workers_flower_and_no_secret_anywhere(
             assert job.state == "succeeded", job.error
 
             def all_succeeded():
-                tasks = api(base, f"/api/tasks?taskname={C.TASK_INVERT_SHARD}")
+                tasks = api(base, "/api/tasks?taskname=invert.shard")
                 return len(tasks) == 4 and all(t["state"] == "SUCCESS" for t in tasks.values()) and tasks
 
             flower_tasks = _wait_for(all_succeeded, 60, "Flower to see 4 succeeded shard tasks")

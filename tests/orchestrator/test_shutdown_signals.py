@@ -15,13 +15,15 @@ import pytest
 
 from orchestrator import jobs
 from orchestrator.demo import local_workers
-from orchestrator.submit import submit_invert
+from orchestrator.submit import submitter
 from shared.status import ShardState
 from tests.faults.cluster import children_of, pid_alive
 from tests.orchestrator.conftest import invert_args
 from tests.orchestrator.test_cancel import _long_invert_args, _shard, _wait
 from workers.celery_app import COLD_SHUTDOWN_SECONDS
 from workers.reaper import reap
+
+submit_invert = submitter("invert")
 
 pytestmark = pytest.mark.slow
 

@@ -73,7 +73,7 @@ def test_publish_failure_after_rows_cancels_the_job(embedded, monkeypatch):
 
     monkeypatch.setattr(jobs, "enqueue_shards", broken)
     with pytest.raises(UserError) as err:
-        jobs.submit(embedded, C.KIND_BENCH, {}, 3)
+        jobs.submit(embedded, "bench", {}, 3)
     message = str(err.value)
     (job_id,) = [w for w in message.split() if w.startswith("bench-")][:1]
     assert "\n" not in message and f"`orchestrator resume {job_id}`" in message and "will not run" in message
@@ -92,7 +92,7 @@ def test_resume_is_checked_first_and_a_failed_publish_leaves_the_job_cancelled(e
     that fails midway cancels the job again (with the command to rerun) instead of leaving it for the reaper."""
     from dataclasses import replace
 
-    job_id = jobs.create_job(embedded, C.KIND_BENCH, {}, 2)
+    job_id = jobs.create_job(embedded, "bench", {}, 2)
     jobs.cancel(embedded, job_id)
     with pytest.raises(UserError) as err:
         jobs.resume(replace(embedded, broker_url="redis://127.0.0.1:1/0"), job_id)

@@ -14,13 +14,14 @@ from sqlalchemy import select
 
 from orchestrator import jobs, queries
 from orchestrator.demo import local_workers
-from orchestrator.submit import submit_train_translator
-from shared import constants as C
+from orchestrator.submit import submitter
 from shared.db import session_scope
 from shared.models import Artifact, Checkpoint, Shard
 from shared.storage import Storage
 from tests.orchestrator.conftest import run_invert_inline
 from workers.dispatch import get_app
+
+submit_train_translator = submitter("train-translator")
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +115,7 @@ def test_cancel_then_resume_and_duplicate_delivery(fast_lease, tiny_sd, m3fd_sma
     with local_workers(s, 2, "train,cpu", tmp_path / "logs"):
         wait_for(lambda: checkpoints(s, job_id))
         # a duplicate of the running task's message reaches the other worker: it must not start a second run
-        get_app(s).send_task(C.TASK_TRAIN_RUN, kwargs={"job_id": job_id, "shard_index": 0})
+        get_app(s).send_task("train.run", kwargs={"job_id": job_id, "shard_index": 0})
         time.sleep(3)
         assert len(events(s, job_id)) == 1
         jobs.cancel(s, job_id)

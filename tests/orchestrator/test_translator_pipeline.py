@@ -16,7 +16,6 @@ import torch
 
 from orchestrator import jobs, queries
 from orchestrator import submit as submit_mod
-from shared import constants as C
 from shared.storage import Storage
 from tests.orchestrator.conftest import create_only, run_invert_inline
 from workers.runner import run_shard
@@ -44,7 +43,7 @@ def test_trained_translator_beats_baseline_and_metrics_are_exact(embedded, tiny_
     targs = argparse.Namespace(latents=inv, preset="readme", epochs=60, lr=3e-3, weight_decay=0.0, batch_size=4,
                                gpus=2, base_channels=16, depth=2, amp=False, checkpoint_every=0, max_steps=None,
                                log_every=50, seed=0)
-    train_id = create_only(submit_mod.submit_train_translator, s, targs)
+    train_id = create_only(submit_mod.submitter("train-translator"), s, targs)
     out = run_shard(s, train_id, 0, train_work)
     assert jobs.get_job(s, train_id).state == "succeeded", out
     tm = queries.summary_metrics(s, train_id)
@@ -53,7 +52,7 @@ def test_trained_translator_beats_baseline_and_metrics_are_exact(embedded, tiny_
     ckpt = int(tm["final_checkpoint_id"])
 
     eargs = argparse.Namespace(checkpoint=ckpt, shards=2, batch_size=4)
-    eval_id = create_only(submit_mod.submit_eval_translator, s, eargs)
+    eval_id = create_only(submit_mod.submitter("eval-translator"), s, eargs)
     for i in range(2):
         run_shard(s, eval_id, i, eval_translator_work)
     job = jobs.get_job(s, eval_id)
@@ -94,7 +93,7 @@ def test_trained_translator_beats_baseline_and_metrics_are_exact(embedded, tiny_
     _, _, ir01 = load_image_pair(Pair(pid, Path(item.rgb_path), Path(item.ir_path)), cfg.size, cfg.resize_to)
     mse = torch.mean((img.clamp(0, 1) - ir01) ** 2).item()
     assert rows[pid]["psnr"] == pytest.approx(10 * math.log10(1.0 / mse), abs=1e-3)
-    assert C.KIND_EVAL_TRANSLATOR == jobs.get_job(s, eval_id).kind
+    assert "eval-translator" == jobs.get_job(s, eval_id).kind
 
 
 def jobs_items(settings, job_id):

@@ -28,7 +28,7 @@ def test_held_out_loss_falls_over_epochs(embedded, tiny_sd, m3fd_small):
     targs = argparse.Namespace(latents=inv, preset="readme", epochs=5, lr=3e-3, weight_decay=0.0, batch_size=4,
                                gpus=1, base_channels=8, depth=2, amp=False, checkpoint_every=0, max_steps=None,
                                log_every=50, seed=0)
-    train_id = create_only(submit_mod.submit_train_translator, s, targs)
+    train_id = create_only(submit_mod.submitter("train-translator"), s, targs)
     out = run_shard(s, train_id, 0, train_work)
     assert jobs.get_job(s, train_id).state == "succeeded", out
     val = [v for _, v in queries.metric_history(s, train_id, "val_loss_epoch")]

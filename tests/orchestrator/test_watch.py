@@ -65,8 +65,8 @@ def _run_in_background(settings, job_id: str, n: int, work) -> threading.Thread:
 
 def test_watch_follows_shards_and_a_training_run_to_the_end(quick):
     s = quick
-    shards_job = jobs.create_job(s, C.KIND_EVAL_TRANSLATOR, {}, 3)
-    train_job = jobs.create_job(s, C.KIND_TRAIN_TRANSLATOR, {}, 1)
+    shards_job = jobs.create_job(s, "eval-translator", {}, 3)
+    train_job = jobs.create_job(s, "train-translator", {}, 1)
     outs = {"plain": io.StringIO(), "json": io.StringIO(), "tty": FakeTerminal(), "train": FakeTerminal()}
     codes: dict[str, int] = {}
 
@@ -118,7 +118,7 @@ def test_watch_follows_shards_and_a_training_run_to_the_end(quick):
 
 
 def test_watch_of_a_failed_job_exits_1_with_its_error(quick):
-    job = jobs.create_job(quick, C.KIND_SAMPLE, {}, 2)
+    job = jobs.create_job(quick, "sample", {}, 2)
     owner = bk.make_owner()
     assert bk.claim_shard(quick, job, 0, owner).ok
     bk.fail_shard(quick, job, 0, owner, "RuntimeError: CUDA out of memory\ntraceback...")
@@ -134,7 +134,7 @@ def test_watch_cli_json_timeout_and_unknown_job(quick, monkeypatch, capsys):
     monkeypatch.setenv("ORCH_HOME", str(quick.home))
     for var in ("ORCH_BROKER_URL", "ORCH_DATABASE_URL", "ORCH_STORAGE"):
         monkeypatch.delenv(var, raising=False)
-    job = jobs.create_job(quick, C.KIND_SAMPLE, {}, 2)  # nobody runs it
+    job = jobs.create_job(quick, "sample", {}, 2)  # nobody runs it
     assert main(["watch", job, "--json", "--interval", "0.05", "--timeout", "0.3"]) == C.EXIT_JOB_FAILED
     rec = json.loads(capsys.readouterr().out.splitlines()[0])
     assert rec["state"] == "queued" and rec["shards_total"] == 2 and rec["running"] == []
@@ -143,7 +143,7 @@ def test_watch_cli_json_timeout_and_unknown_job(quick, monkeypatch, capsys):
 
 
 def _view(**kw) -> w.JobView:
-    base = dict(job_id="invert-0123456789ab", kind=C.KIND_INVERT, state="running", shards_total=16, shards_done=6,
+    base = dict(job_id="invert-0123456789ab", kind="invert", state="running", shards_total=16, shards_done=6,
                 shards_failed=1, by_state={"running": 2, "done": 6, "queued": 7, "failed": 1}, running=[],
                 created_at=None, started_at=datetime.now(timezone.utc) - timedelta(seconds=120),
                 finished_at=None, error=None)

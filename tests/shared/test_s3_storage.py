@@ -100,7 +100,8 @@ def test_a_shard_fails_clearly_while_the_server_is_unreachable_and_a_retry_compl
     from sqlalchemy import select
 
     from orchestrator import jobs
-    from orchestrator.submit import submit_invert
+    from orchestrator.submit import submitter
+    submit_invert = submitter("invert")
     from shared.db import session_scope
     from shared.models import Artifact, Shard
     from tests.conftest import embedded_settings

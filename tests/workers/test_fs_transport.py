@@ -18,7 +18,7 @@ def test_two_broker_folders_in_one_process_each_get_their_messages(tmp_path):
     for s in (first, second):
         s.ensure_local_folders()
     for s in (first, second, first):
-        get_app(s).send_task(C.TASK_INVERT_SHARD, kwargs={"job_id": "j", "shard_index": 0}, queue=C.QUEUE_GPU)
+        get_app(s).send_task("invert.shard", kwargs={"job_id": "j", "shard_index": 0}, queue=C.QUEUE_GPU)
     assert len(_messages(first, C.QUEUE_GPU)) == 2
     assert len(_messages(second, C.QUEUE_GPU)) == 1
     assert (second.broker_folder / "control" / f"{C.QUEUE_GPU}.exchange").exists()

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_malformed_and_pickle_messages(embedded, tiny_sd, m3fd_small, tmp_path):
-    from orchestrator.submit import submit_invert
+    from orchestrator.submit import submitter
+    submit_invert = submitter("invert")
 
     s = embedded
     app = get_app(s)
@@ -36,10 +37,10 @@ def test_malformed_and_pickle_messages(embedded, tiny_sd, m3fd_small, tmp_path):
             {"kwargs": {"job_id": "'; DROP TABLE jobs; --", "shard_index": 0}},
         ]
         for m in bad:
-            app.send_task(C.TASK_INVERT_SHARD, queue=C.QUEUE_GPU, **m)
+            app.send_task("invert.shard", queue=C.QUEUE_GPU, **m)
         app.send_task("no.such.task", kwargs={"job_id": target, "shard_index": 0}, queue=C.QUEUE_GPU)
         # a pickle message for a real shard: if it were deserialised, the shard would run
-        app.send_task(C.TASK_INVERT_SHARD, kwargs={"job_id": target, "shard_index": 0}, queue=C.QUEUE_GPU,
+        app.send_task("invert.shard", kwargs={"job_id": target, "shard_index": 0}, queue=C.QUEUE_GPU,
                       serializer="pickle")
         job_id = submit_invert(s, invert_args(m3fd_small, tiny_sd, shards=2))  # real work after all that
         job = jobs.wait(s, job_id, timeout=300)
@@ -67,23 +68,23 @@ def test_malformed_and_pickle_messages(embedded, tiny_sd, m3fd_small, tmp_path):
 
 def test_every_kind_routes_to_a_known_queue(embedded):
     """The reaper republishes a lost message to the queue the app routes its task to (one source of routing)."""
+    import kinds
     from shared import constants as C
     from workers.dispatch import queue_for
 
-    queues = {kind: queue_for(embedded, task) for kind, task in C.TASK_FOR_KIND.items()}
+    queues = {kind: queue_for(embedded, task) for kind, task in kinds.task_for_kind().items()}
     assert set(queues.values()) <= set(C.QUEUES)
-    assert queues[C.KIND_INVERT] == C.QUEUE_GPU and queues[C.KIND_BENCH] == C.QUEUE_CPU
-    assert queues[C.KIND_TRAIN_NCSN] == C.QUEUE_TRAIN
+    assert queues["invert"] == C.QUEUE_GPU and queues["bench"] == C.QUEUE_CPU
+    assert queues["train-ncsn"] == C.QUEUE_TRAIN
     # every job kind has a task, and every task the workers register has an explicit route: a task without one
     # would silently land on Celery's default queue, which no worker consumes
     from workers.dispatch import get_app
 
-    assert set(C.JOB_KINDS) | {C.KIND_BENCH} <= set(C.TASK_FOR_KIND)
     app = get_app(embedded)
     app.loader.import_default_modules()
     # the workers' own tasks (a task another app in this process defined with shared=True would also be listed)
     ours = {name for name, t in app.tasks.items() if t.__module__.startswith("workers.")}
-    assert set(C.TASK_FOR_KIND.values()) <= ours, ours
+    assert set(kinds.task_for_kind().values()) <= ours, ours
     routes = app.conf.task_routes
     assert ours and all(name in routes and routes[name]["queue"] in C.QUEUES for name in ours), (ours, routes)
 
@@ -92,7 +93,6 @@ def test_large_submissions_publish_without_sent_events(embedded, monkeypatch):
     """Up to SENT_EVENTS_MAX messages go out with task-sent events (Flower lists them as sent); a larger
     submission's do not (each event costs twice its message, and Flower keeps only its last 10,000 tasks)."""
     from orchestrator import jobs
-    from shared import constants as C
     from workers import dispatch
 
     used = []
@@ -105,8 +105,8 @@ def test_large_submissions_publish_without_sent_events(embedded, monkeypatch):
 
     monkeypatch.setattr(dispatch, "_app_for", spy)
     monkeypatch.setattr(dispatch, "SENT_EVENTS_MAX", 3)
-    jobs.submit(embedded, C.KIND_BENCH, {}, 3)
-    jobs.submit(embedded, C.KIND_BENCH, {}, 4)
+    jobs.submit(embedded, "bench", {}, 3)
+    jobs.submit(embedded, "bench", {}, 4)
     assert used == [True, False]
     assert real(embedded, False).conf.task_send_sent_event is False
     assert real(embedded, True).conf.task_send_sent_event is True

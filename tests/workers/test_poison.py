@@ -41,13 +41,13 @@ def _shard(settings, job_id: str, index: int = 0) -> tuple:
 @pytest.mark.slow
 def test_poison_messages_are_refused_and_the_worker_stays_up(backend, tmp_path):
     s = backend
-    target = jobs.create_job(s, C.KIND_BENCH, {}, 1)  # rows only: the poison names its shard
+    target = jobs.create_job(s, "bench", {}, 1)  # rows only: the poison names its shard
     with local_workers(s, 1, "gpu,cpu", tmp_path / "logs", env=NO_REAPER) as procs:
         for b in BROKEN:
-            task = C.TASK_INVERT_SHARD if b.queue == C.QUEUE_GPU else C.TASK_BENCH_SHARD
+            task = "invert.shard" if b.queue == C.QUEUE_GPU else "bench.shard"
             publish_raw(s, b.queue, task, {"job_id": target, "shard_index": 0}, b)
         recorded = _wait_records(s, len(BROKEN))
-        good = jobs.submit(s, C.KIND_BENCH, {}, 2)  # real work after all that, on the same worker
+        good = jobs.submit(s, "bench", {}, 2)  # real work after all that, on the same worker
         job = jobs.wait(s, good, timeout=180)
         alive = [p.poll() is None for p in procs]
     log = (tmp_path / "logs" / "worker-0.log").read_text()
@@ -71,12 +71,12 @@ def test_wrong_task_for_the_kind_is_refused(backend, tiny_sd, m3fd_small, tmp_pa
     """A train.run or sample.shard message naming a live invert job's shard is refused at the claim and recorded;
     the job is unharmed and the invert message completes the shard."""
     s = backend
-    job_id = create_only(submit_mod.submit_invert, s, invert_args(m3fd_small, tiny_sd, shards=1))
+    job_id = create_only(submit_mod.submitter("invert"), s, invert_args(m3fd_small, tiny_sd, shards=1))
     with session_scope(s) as ss:  # live: as if its messages were out
         ss.get(Job, job_id).state = "running"
     with local_workers(s, 1, "gpu,cpu,train", tmp_path / "logs", env=NO_REAPER) as procs:
-        publish_task(s, C.TASK_TRAIN_RUN, job_id, 0, C.QUEUE_TRAIN)
-        publish_task(s, C.TASK_SAMPLE_SHARD, job_id, 0, C.QUEUE_GPU)
+        publish_task(s, "train.run", job_id, 0, C.QUEUE_TRAIN)
+        publish_task(s, "sample.shard", job_id, 0, C.QUEUE_GPU)
         recorded = _wait_records(s, 2)
         untouched = _shard(s, job_id)
         state = jobs.get_job(s, job_id).state
@@ -85,7 +85,7 @@ def test_wrong_task_for_the_kind_is_refused(backend, tiny_sd, m3fd_small, tmp_pa
         alive = [p.poll() is None for p in procs]
     log = (tmp_path / "logs" / "worker-0.log").read_text()
     assert len(recorded) == 2, recorded
-    assert {ref.split()[0] for ref, _, _ in recorded} == {C.TASK_TRAIN_RUN, C.TASK_SAMPLE_SHARD}
+    assert {ref.split()[0] for ref, _, _ in recorded} == {"train.run", "sample.shard"}
     assert all("wrong task" in why and "kind 'invert'" in why for _, why, _ in recorded), recorded
     assert untouched == ("pending", 0, None) and state == "running"  # refused before the claim changed anything
     assert alive == [True]
@@ -105,7 +105,7 @@ def test_check_names_what_is_wrong(broken):
         return Message(body=body, content_type=content_type, content_encoding="utf-8", headers=headers,
                        delivery_info={"routing_key": broken.queue}, accept={"application/json"})
 
-    good = app.amqp.as_task_v2("id-1", C.TASK_BENCH_SHARD, kwargs={"job_id": "bench-0123456789ab", "shard_index": 0})
+    good = app.amqp.as_task_v2("id-1", "bench.shard", kwargs={"job_id": "bench-0123456789ab", "shard_index": 0})
     assert poison.check(message(dict(good.headers), json.dumps(list(good.body)).encode(), "application/json")) is None
     bad = message(*broken.make(dict(good.headers), list(good.body)))
     assert poison.check(bad)
@@ -116,7 +116,7 @@ def test_check_names_what_is_wrong(broken):
 def test_wrong_task_names_both_tasks():
     from workers.poison import wrong_task
 
-    assert wrong_task(C.KIND_INVERT, C.TASK_INVERT_SHARD) is None and wrong_task(C.KIND_INVERT, None) is None
-    why = wrong_task(C.KIND_INVERT, C.TASK_TRAIN_RUN)
-    assert why.startswith("wrong task") and C.TASK_TRAIN_RUN in why and C.TASK_INVERT_SHARD in why
-    assert wrong_task(C.KIND_TRAIN_NCSN, C.TASK_TRAIN_RUN) is None
+    assert wrong_task("invert", "invert.shard") is None and wrong_task("invert", None) is None
+    why = wrong_task("invert", "train.run")
+    assert why.startswith("wrong task") and "train.run" in why and "invert.shard" in why
+    assert wrong_task("train-ncsn", "train.run") is None

@@ -16,7 +16,6 @@ from sqlalchemy.orm import Session
 from shared import constants as C
 from workers.recording import record_metrics
 from workers.runner import ShardContext, ShardOutput
-from workers.tasks.common import shard_task
 
 #: Side of the square matrices of the kernel and how many products it chains (about 1-3 ms on one core).
 KERNEL_SIZE = 64
@@ -54,4 +53,3 @@ def bench_work(ctx: ShardContext) -> ShardOutput:
     return ShardOutput(record, {"seconds": round(seconds, 6)})
 
 
-bench_shard = shard_task(C.TASK_BENCH_SHARD, bench_work)

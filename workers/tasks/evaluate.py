@@ -13,11 +13,9 @@ from shared import constants as C
 from shared.db import session_scope
 from shared.models import Artifact, Item, Job, Metric
 from shared.storage import input_path
-from workers import bookkeeping as bk
 from workers.device import cached, pick_device
 from workers.recording import record_artifact, record_metrics
 from workers.runner import ShardContext, ShardOutput
-from workers.tasks.common import shard_task
 from workers.tasks.invert import load_sd_cached
 
 #: Pairs of shard 0 shown in the evaluation's image grid (RGB | predicted IR | real IR).
@@ -125,5 +123,3 @@ def finalize_eval_translator(s: Session, job: Job) -> None:
     record_metrics(s, job.id, values)
 
 
-bk.FINALIZERS[C.KIND_EVAL_TRANSLATOR] = finalize_eval_translator
-eval_translator_shard = shard_task(C.TASK_EVAL_TRANSLATOR_SHARD, eval_translator_work)

@@ -17,7 +17,6 @@ from workers import bookkeeping as bk
 from workers.device import cached, pick_device, pick_dtype
 from workers.recording import record_artifact, record_metrics
 from workers.runner import ShardContext, ShardOutput
-from workers.tasks.common import shard_task
 
 
 def shard_items(s: Session, job_id: str, index: int) -> list[Item]:
@@ -183,7 +182,5 @@ def finalize_invert(s: Session, job: Job) -> None:
     )
 
 
-bk.FINALIZERS[C.KIND_INVERT] = finalize_invert
 
 
-invert_shard = shard_task(C.TASK_INVERT_SHARD, invert_work)

@@ -19,7 +19,6 @@ from workers import bookkeeping as bk
 from workers.device import cached, pick_device
 from workers.recording import record_artifact, record_metrics
 from workers.runner import ShardContext, ShardOutput
-from workers.tasks.common import shard_task
 
 #: Digits in the PNG grid each sampling shard writes.
 GRID_SAMPLES = 64
@@ -174,6 +173,3 @@ def eval_fid_work(ctx: ShardContext) -> ShardOutput:
     return ShardOutput(record, {**values, "feature_extractor": res["feature_extractor"], "seconds": round(seconds, 3)})
 
 
-bk.FINALIZERS[C.KIND_SAMPLE] = finalize_sample
-sample_shard = shard_task(C.TASK_SAMPLE_SHARD, sample_work)
-eval_fid_run = shard_task(C.TASK_EVAL_FID, eval_fid_work)

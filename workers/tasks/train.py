@@ -17,9 +17,10 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+import kinds
 from shared import constants as C
 from shared.db import session_scope, upsert
-from shared.models import Artifact, Checkpoint, Item, Job, Shard
+from shared.models import Artifact, Checkpoint, Item, Shard
 from shared.settings import Settings
 from shared.status import ShardState
 from shared.storage import Storage, sha256_file
@@ -27,16 +28,10 @@ from workers import bookkeeping as bk
 from workers.recording import record_artifact, record_metrics
 from workers.runner import ShardContext, ShardOutput
 from workers.supervisor import supervise, torchrun_command
-from workers.tasks.common import shard_task
 from workers.train.fencing import FENCE_DATABASE_ENV
 
 log = logging.getLogger(__name__)
 
-ENTRY_POINTS = {
-    C.KIND_TRAIN_TRANSLATOR: "workers.train.translator",
-    C.KIND_TRAIN_NCSN: "workers.train.ncsn",
-    C.KIND_TRAIN_CLASSIFIER: "workers.train.classifier",
-}
 
 #: Spec keys copied into the torchrun config unchanged.
 PASSTHROUGH = ("epochs", "lr", "batch_size", "weight_decay", "seed", "amp", "checkpoint_every", "max_steps",
@@ -129,7 +124,7 @@ def build_config(ctx: ShardContext, run_dir: Path, attempt_events: Path) -> dict
                 "fence": {"shard_id": ctx.heartbeat.shard_id, "owner": ctx.owner, "attempt": ctx.attempt,
                           "lease_seconds": ctx.settings.lease_seconds}})
     with session_scope(ctx.settings) as s:
-        if ctx.kind == C.KIND_TRAIN_TRANSLATOR:
+        if ctx.kind == "train-translator":
             cfg["data"] = translator_data(s, ctx.storage, spec["latents"])
             val = translator_data(s, ctx.storage, spec["latents"], "test")  # per-epoch held-out loss
             if val["rows"]:
@@ -168,7 +163,7 @@ def train_work(ctx: ShardContext) -> ShardOutput:
     available = os.environ.get("ORCH_TRAIN_GPUS")
     if available:
         nproc = min(nproc, int(available))
-    cmd = torchrun_command(ENTRY_POINTS[ctx.kind], config_path, nproc)
+    cmd = torchrun_command(kinds.get(ctx.kind).entry_point, config_path, nproc)
     summary: dict[str, Any] = {}
     last: dict[str, Any] = {}
 
@@ -232,23 +227,3 @@ def train_work(ctx: ShardContext) -> ShardOutput:
 
     return ShardOutput(record, {"steps": outcome.done.get("step"), "world_size": nproc,
                                 "loss": last.get("loss"), "attempt": ctx.attempt})
-
-
-train_run = shard_task(C.TASK_TRAIN_RUN, train_work)
-
-
-def job_of_checkpoint(settings: Settings, checkpoint_id: int) -> tuple[Job, str]:
-    """(training job, checkpoint file URI) of a checkpoint id."""
-    with session_scope(settings) as s:
-        row = s.execute(
-            select(Job, Artifact.uri)
-            .join(Checkpoint, Checkpoint.job_id == Job.id)
-            .join(Artifact, Artifact.id == Checkpoint.artifact_id)
-            .where(Checkpoint.id == checkpoint_id)
-        ).first()
-        if row is None:
-            from shared.errors import UserError
-
-            raise UserError(f"no checkpoint {checkpoint_id}: list them with `orchestrator results TRAIN_JOB`")
-        s.expunge(row[0])
-        return row[0], row[1]

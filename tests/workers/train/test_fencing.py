@@ -12,7 +12,6 @@ from sqlalchemy import func, select, update
 from torch import nn
 
 from orchestrator import jobs
-from shared import constants as C
 from shared.db import session_scope
 from shared.models import Checkpoint, Shard
 from shared.storage import Storage
@@ -23,7 +22,7 @@ from workers.train.common import LeaseFence, StopFlag, Trainer, save_checkpoint,
 
 
 def claimed(settings, owner: str = "host:1:a") -> tuple[str, bk.Claim]:
-    job_id = jobs.create_job(settings, C.KIND_TRAIN_TRANSLATOR, {"epochs": 1}, 1)
+    job_id = jobs.create_job(settings, "train-translator", {"epochs": 1}, 1)
     claim = bk.claim_shard(settings, job_id, 0, owner)
     assert claim.ok, claim.reason
     return job_id, claim
