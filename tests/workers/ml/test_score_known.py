@@ -21,7 +21,7 @@ from torch import nn
 from tests.workers.ml._mnist_fixtures import one_thread
 from workers.ml.mnist import to_tensor
 from workers.ml.ncsn import ScoreUNet
-from workers.ml.score import anneal_langevin, dsm_loss, get_preset, get_sigmas, init_noise, step_sizes
+from workers.ml.score import EMA, anneal_langevin, dsm_loss, get_preset, get_sigmas, init_noise, step_sizes
 
 
 @pytest.fixture(autouse=True)
@@ -207,26 +207,35 @@ class _MixtureScoreNet(nn.Module):
         return (self.net(h) / sigma[:, None]).reshape(x.shape)
 
 
-@pytest.mark.xfail(strict=False, reason="open: after 3,000 DSM steps this MLP's samples weigh the modes (0.08, 0.37, "
-                   "0.55) against (0.2, 0.3, 0.5): the light mode is under-sampled (the learned score at large sigma is "
-                   "not yet accurate enough); the exact-score tests above pass with the same sampler")
 def test_a_score_network_trained_with_dsm_samples_the_mixture() -> None:
+    """Trained with the project's DSM loss, sampled from the project's EMA weights with the project's sampler.
+
+    The learning rate decays to 0 (cosine): at a constant 2e-3 the last weights carry SGD noise that tilts the
+    learned score at the levels where the mixture splits (sigma ~ 2-4), and the light mode got 0.08 of the samples
+    instead of 0.2. Measured on this test (3,000 steps, seeds as below): constant lr (0.08, 0.37, 0.55); EMA only
+    (0.18, 0.28, 0.54); cosine decay only (0.196, 0.306, 0.498); both, as here (0.197, 0.308, 0.496).
+    """
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(2)
     sigmas, step_lr = MIXTURE_SAMPLERS["ncsn"]
     data = _draw_mixture(20000, gen)
     model = _MixtureScoreNet()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(3000):
+    ema = EMA(model, 0.999, warmup=True)
+    steps, losses = 3000, []
+    for i in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * i / steps))
         idx = torch.randint(0, len(data), (256,), generator=gen)
         loss = dsm_loss(model, data[idx], sigmas, generator=gen)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
+        ema.update(model)
         losses.append(loss.item())
     # the DSM loss of a perfect 2-D score is not 0 but its floor; it must have fallen well below the start
     assert sum(losses[-200:]) / 200 < 0.85 * sum(losses[:50]) / 50
+    ema.copy_to(model)
     model.eval()
     x0 = init_noise((3000, 2, 1, 1), "ncsn", gen)
     x = anneal_langevin(model, x0, sigmas, 100, step_lr, "ncsn", True, generator=gen)
