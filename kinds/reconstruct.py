@@ -78,41 +78,6 @@ def describe(data: Any) -> str:
 # -- worker side (imported only by the worker that runs a shard) ----------------------------------------------------
 
 
-def _rows(ctx) -> list[tuple[str, str, str, str, int]]:
-    """(pair, rgb path, ir path, latents uri, position in the file) of this shard's pairs."""
-    from sqlalchemy import select
-
-    from shared.db import session_scope
-    from shared.models import Artifact, Item
-
-    with session_scope(ctx.settings) as s:
-        return s.execute(
-            select(Item.pair_id, Item.rgb_path, Item.ir_path, Artifact.uri, Item.position)
-            .join(Artifact, Artifact.id == Item.artifact_id)
-            .where(Item.job_id == ctx.spec["latents"],
-                   Item.pair_id.in_(select(Item.pair_id).where(Item.job_id == ctx.job_id,
-                                                              Item.shard_index == ctx.index)))
-            .order_by(Item.pair_id)
-        ).all()
-
-
-def _latents(ctx, rows) -> dict[str, Any]:
-    """z_rgb_0, z_ir_0, z_rgb_t, z_ir_t of the rows, stacked, from the invert job's safetensors files."""
-    import torch
-    from safetensors import safe_open
-
-    keys = ("z_rgb_0", "z_ir_0", "z_rgb_t", "z_ir_t")
-    files: dict[str, dict[str, torch.Tensor]] = {}
-    out: dict[str, list] = {k: [] for k in keys}
-    for *_, uri, pos in rows:
-        if uri not in files:
-            with safe_open(str(ctx.storage.resolve(uri)), framework="pt") as f:
-                files[uri] = {k: f.get_tensor(k) for k in keys}
-        for k in keys:
-            out[k].append(files[uri][k][pos])
-    return {k: torch.stack(v) for k, v in out.items()}
-
-
 def reconstruct_work(ctx):
     import torch
 
@@ -124,11 +89,12 @@ def reconstruct_work(ctx):
     from workers.ml.translator_eval import image_grid
     from workers.recording import record_artifact, record_metrics
     from workers.runner import ShardOutput
+    from workers.tasks.evaluate import shard_latent_rows, stack_latents
     from workers.tasks.invert import load_sd_cached
 
     spec = ctx.spec
     cfg = InversionConfig(**spec["inversion"])
-    rows = _rows(ctx)
+    rows = shard_latent_rows(ctx)
     device = pick_device(spec.get("device", "auto"))
     parts, _ = load_sd_cached(spec["model"], device, spec.get("precision", "auto"))
     bs = int(spec.get("batch_size", 8))
@@ -138,7 +104,7 @@ def reconstruct_work(ctx):
     for start in range(0, len(rows), bs):
         ctx.check()
         batch = rows[start : start + bs]
-        z = _latents(ctx, batch)
+        z = stack_latents(ctx, batch, ("z_rgb_0", "z_ir_0", "z_rgb_t", "z_ir_t"))
         values: dict[str, torch.Tensor] = {}
         images = [load_image_pair(Pair(p, input_path(rgb), input_path(ir)), cfg.size, cfg.resize_to)
                   for p, rgb, ir, _, _ in batch]
@@ -183,17 +149,9 @@ def reconstruct_work(ctx):
 
 def finalize(s, job) -> None:
     """Summary: the mean over pairs of every per-pair metric, and the number of pairs."""
-    from sqlalchemy import func, select
+    from workers.recording import record_item_means
 
-    from shared.models import Metric
-    from workers.recording import record_metrics
-
-    rows = s.execute(select(Metric.name, func.avg(Metric.value), func.count())
-                     .where(Metric.job_id == job.id, Metric.item != C.NO_ITEM).group_by(Metric.name)).all()
-    values = {name: float(avg) for name, avg, _ in rows}
-    if rows:
-        values["pairs"] = float(rows[0][2])
-    record_metrics(s, job.id, values)
+    record_item_means(s, job.id)
 
 
 KIND = Kind(

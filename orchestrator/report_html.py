@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import html
-import math
 from typing import Any
+
+from kinds.base import fmt  # noqa: F401 (re-exported: the report's cells and the kinds' sentences format alike)
 
 
 def esc(v: Any) -> str:
     """HTML-escaped text of `v` (attributes included)."""
     return html.escape(str(v), quote=True)
-
-
-def fmt(v: Any) -> str:
-    """A value for a table cell: '-' for None, floats to 4 significant digits."""
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}" if math.isfinite(v) else str(v)
-    return str(v)
 
 
 def fmt_seconds(s: float | None) -> str:

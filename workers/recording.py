@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shared import constants as C
@@ -68,6 +68,20 @@ def record_metrics(
         key=["job_id", "name", "step", "item"],
         update=["value", "shard_index"],
     )
+
+
+def record_item_means(s: Session, job_id: str, count_name: str = "pairs") -> None:
+    """The job's summary: the mean over items of every per-item metric, and the number of items as `count_name`
+    (an evaluation's finaliser; per item, then averaged, as the seed project averaged per-image values)."""
+    rows = s.execute(
+        select(Metric.name, func.avg(Metric.value), func.count())
+        .where(Metric.job_id == job_id, Metric.item != C.NO_ITEM)
+        .group_by(Metric.name)
+    ).all()
+    values = {name: float(avg) for name, avg, _ in rows}
+    if rows:
+        values[count_name] = float(rows[0][2])
+    record_metrics(s, job_id, values)
 
 
 def record_rejection(settings, kind: str, ref: str, reason: str, job_id: str | None = None,

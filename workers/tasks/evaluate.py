@@ -6,15 +6,15 @@ import os
 import time
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import constants as C
 from shared.db import session_scope
-from shared.models import Artifact, Item, Job, Metric
+from shared.models import Artifact, Item, Job
 from shared.storage import input_path
 from workers.device import cached, pick_device
-from workers.recording import record_artifact, record_metrics
+from workers.recording import record_artifact, record_item_means, record_metrics
 from workers.runner import ShardContext, ShardOutput
 from workers.tasks.invert import load_sd_cached
 
@@ -24,20 +24,35 @@ METRIC_NAMES = ("psnr", "ssim", "psnr_seed_protocol", "ssim_seed_protocol", "psn
                 "psnr_baseline_seed_protocol", "ssim_baseline_seed_protocol")
 
 
-def _latents(ctx: ShardContext, rows: list[tuple[str, str, str, str, int]]):
-    """Stack z_rgb_t and z_ir_t of the given (pair, rgb, ir, uri, position) rows from the invert job's files."""
+def shard_latent_rows(ctx: ShardContext) -> list[tuple[str, str, str, str, int]]:
+    """(pair, rgb path, ir path, latents uri, position in that file) of this shard's pairs, from the invert job
+    named by the spec's ``latents`` (a job whose items are pairs of an invert job: eval-translator, reconstruct)."""
+    with session_scope(ctx.settings) as s:
+        return s.execute(
+            select(Item.pair_id, Item.rgb_path, Item.ir_path, Artifact.uri, Item.position)
+            .join(Artifact, Artifact.id == Item.artifact_id)
+            .where(Item.job_id == ctx.spec["latents"],
+                   Item.pair_id.in_(select(Item.pair_id).where(Item.job_id == ctx.job_id,
+                                                              Item.shard_index == ctx.index)))
+            .order_by(Item.pair_id)
+        ).all()
+
+
+def stack_latents(ctx: ShardContext, rows: list[tuple[str, str, str, str, int]],
+                  keys: tuple[str, ...] = ("z_rgb_t", "z_ir_t")) -> dict:
+    """{key: stacked tensor} of the given ``shard_latent_rows`` rows, read from the invert job's files."""
     import torch
     from safetensors import safe_open
 
     by_file: dict[str, dict[str, torch.Tensor]] = {}
-    z_rgb, z_ir = [], []
-    for _, _, _, uri, pos in rows:
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    for *_, uri, pos in rows:
         if uri not in by_file:
             with safe_open(str(ctx.storage.resolve(uri)), framework="pt") as f:
-                by_file[uri] = {k: f.get_tensor(k) for k in ("z_rgb_t", "z_ir_t")}
-        z_rgb.append(by_file[uri]["z_rgb_t"][pos])
-        z_ir.append(by_file[uri]["z_ir_t"][pos])
-    return torch.stack(z_rgb), torch.stack(z_ir)
+                by_file[uri] = {k: f.get_tensor(k) for k in keys}
+        for k in keys:
+            out[k].append(by_file[uri][k][pos])
+    return {k: torch.stack(v) for k, v in out.items()}
 
 
 def eval_translator_work(ctx: ShardContext) -> ShardOutput:
@@ -51,15 +66,7 @@ def eval_translator_work(ctx: ShardContext) -> ShardOutput:
 
     spec = ctx.spec
     cfg = InversionConfig(**spec["inversion"])
-    with session_scope(ctx.settings) as s:
-        rows = s.execute(
-            select(Item.pair_id, Item.rgb_path, Item.ir_path, Artifact.uri, Item.position)
-            .join(Artifact, Artifact.id == Item.artifact_id)
-            .where(Item.job_id == spec["latents"],
-                   Item.pair_id.in_(select(Item.pair_id).where(Item.job_id == ctx.job_id,
-                                                              Item.shard_index == ctx.index)))
-            .order_by(Item.pair_id)
-        ).all()
+    rows = shard_latent_rows(ctx)
     device = pick_device(spec.get("device", "auto"))
     parts, _ = load_sd_cached(spec["model"], device, spec.get("precision", "auto"))
     ckpt_path = str(ctx.storage.resolve(spec["checkpoint_uri"]))
@@ -71,7 +78,8 @@ def eval_translator_work(ctx: ShardContext) -> ShardOutput:
     for start in range(0, len(rows), bs):
         ctx.check()
         batch = rows[start : start + bs]
-        z_rgb, z_ir = _latents(ctx, batch)
+        z = stack_latents(ctx, batch)
+        z_rgb, z_ir = z["z_rgb_t"], z["z_ir_t"]
         loaded = [load_image_pair(Pair(p, input_path(rgb), input_path(ir)), cfg.size, cfg.resize_to)
                   for p, rgb, ir, _, _ in batch]
         ir01 = torch.stack([x[2] for x in loaded])
@@ -112,14 +120,6 @@ def _write_png(cv2, path, rgb: np.ndarray) -> None:
 
 def finalize_eval_translator(s: Session, job: Job) -> None:
     """Summary = mean over test pairs of each per-image metric (per image, then averaged: REFERENCE s.5)."""
-    rows = s.execute(
-        select(Metric.name, func.avg(Metric.value), func.count())
-        .where(Metric.job_id == job.id, Metric.item != C.NO_ITEM)
-        .group_by(Metric.name)
-    ).all()
-    values = {name: float(avg) for name, avg, _ in rows}
-    if rows:
-        values["pairs"] = float(rows[0][2])
-    record_metrics(s, job.id, values)
+    record_item_means(s, job.id)
 
 
