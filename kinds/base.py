@@ -110,5 +110,13 @@ def check(kind: Kind) -> None:
         raise ValueError(f"kind {kind.name!r}: work and finalize are 'module:function' references")
     if kind.training != (kind.entry_point is not None):
         raise ValueError(f"kind {kind.name!r}: a training kind names its entry point, and only a training kind")
+    for f in dataclasses.fields(kind.options):
+        meta = f.metadata.get("cli")
+        if meta is None:
+            raise ValueError(f"kind {kind.name!r}: option {f.name!r} is not declared with option(...)")
+        # annotations are strings here (PEP 563); reading them back with typing.get_type_hints would cost every CLI
+        # start an eval per option, so an int or float option names its converter and this check keeps that true
+        if meta["type"] is None and not meta["flag"] and any(t in str(f.type) for t in ("int", "float")):
+            raise ValueError(f"kind {kind.name!r}: option {f.name!r} is a number: give option(..., type=int|float)")
     if kind.results not in RESULTS or not set(kind.pictures) <= PICTURES:
         raise ValueError(f"kind {kind.name!r}: results one of {sorted(RESULTS)}, pictures from {sorted(PICTURES)}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
 
 
@@ -13,20 +12,8 @@ def _add_common_submit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help='print {"job_id": ...} (with --wait: the final status)')
 
 
-def _converter(f: dataclasses.Field, hints: dict[str, typing.Any]):
-    """argparse's type for a field: the option's own, else the annotation's (int | None -> int), else str."""
-    meta = f.metadata["cli"]
-    if meta["type"] is not None:
-        return meta["type"]
-    hint = hints.get(f.name, str)
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else []
-    hint = args[0] if len(args) == 1 else hint
-    return hint if hint in (int, float) else None
-
-
 def add_kind_options(p: argparse.ArgumentParser, options: type) -> None:
     """One ``--name-with-dashes`` argument per field of a kind's options dataclass."""
-    hints = typing.get_type_hints(options)
     for f in dataclasses.fields(options):
         meta = f.metadata["cli"]
         flag = "--" + f.name.replace("_", "-")
@@ -38,9 +25,8 @@ def add_kind_options(p: argparse.ArgumentParser, options: type) -> None:
             kw["required"] = True
         else:
             kw["default"] = f.default
-        conv = _converter(f, hints)
-        if conv is not None:
-            kw["type"] = conv
+        if meta["type"] is not None:  # kinds/base.py check(): every int or float option names its converter
+            kw["type"] = meta["type"]
         p.add_argument(flag, **kw)
 
 

@@ -67,6 +67,11 @@ class _Opts:
     n: int = option(1, type=int)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Untyped:
+    n: int | None = option(None)  # a number without its converter: the CLI would hand the work a string
+
+
 def _kind(**kw) -> Kind:
     base = dict(name="x-test", help="h", options=_Opts, plan=lambda s, o: Plan({}), describe=lambda d: "x.",
                 queue=C.QUEUE_CPU, task="bench.shard", work="workers.tasks.bench:bench_work")
@@ -81,6 +86,7 @@ def _kind(**kw) -> Kind:
     (dict(pictures=("histograms",)), "pictures from"),
     (dict(queue=C.QUEUE_GPU), "task 'bench.shard' of kind 'x-test' differs in queue or work"),
     (dict(name="invert"), "two modules declare the kind 'invert'"),
+    (dict(options=_Untyped), "option 'n' is a number: give option"),
 ])
 def test_a_bad_declaration_fails_when_the_registry_is_read(monkeypatch, bad, why):
     mod = types.ModuleType("bad_kind_module")
