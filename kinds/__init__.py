@@ -23,11 +23,16 @@ _NOT_KINDS = {"base", "checks"}
 EXTRA_ENV = "ORCH_EXTRA_KINDS"
 
 
-def _modules() -> list[str]:
-    here = [f"kinds.{m.name}" for m in pkgutil.iter_modules(__path__)
-            if not m.name.startswith("_") and m.name not in _NOT_KINDS]
-    extra = [m.strip() for m in os.environ.get(EXTRA_ENV, "").split(",") if m.strip()]
-    return sorted(here) + extra
+@cache
+def _here() -> tuple[str, ...]:
+    """The kind modules of this package (the folder is read once per process: a worker asks on every claim)."""
+    return tuple(sorted(f"kinds.{m.name}" for m in pkgutil.iter_modules(__path__)
+                        if not m.name.startswith("_") and m.name not in _NOT_KINDS))
+
+
+def _modules() -> tuple[str, ...]:
+    extra = tuple(m.strip() for m in os.environ.get(EXTRA_ENV, "").split(",") if m.strip())
+    return _here() + extra
 
 
 @cache
@@ -51,7 +56,7 @@ def _registry(modules: tuple[str, ...]) -> dict[str, Kind]:
 
 def all_kinds() -> dict[str, Kind]:
     """{name: Kind}, in name order."""
-    return _registry(tuple(_modules()))
+    return _registry(_modules())
 
 
 def find(name: str) -> Kind | None:
@@ -71,7 +76,12 @@ def get(name: str) -> Kind:
 
 
 def task_for_kind() -> dict[str, str]:
-    return {k.name: k.task for k in all_kinds().values()}
+    return _task_for_kind(_modules())
+
+
+@cache
+def _task_for_kind(modules: tuple[str, ...]) -> dict[str, str]:
+    return {k.name: k.task for k in _registry(modules).values()}
 
 
 def task_routes() -> dict[str, dict[str, str]]:
