@@ -101,7 +101,7 @@ def _frozen(bench: Bench, mode: str, epochs: int, every: int) -> Outcome:
         stopped_after: float | None = None
         if mode == "supervisor" and _wait_gone(stale, max(expires_at - time.time(), 0) + STOP_BOUND):
             stopped_after = time.time() - expires_at  # it ran on unwatched: it stopped by itself
-        job = wait_job(s, job_id, 400)
+        job = wait_job(s, job_id, 900)  # the resumed run retrains from its checkpoint: minutes under a full suite
         config2 = run_dir / "config-attempt002.json"
         takeover = config2.stat().st_mtime if config2.exists() else time.time()
         _signal(groups, pids, signal.SIGCONT)
