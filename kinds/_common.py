@@ -50,10 +50,13 @@ def check_mnist(source: str, flag: str = "--data") -> str:
 
 def check_positives(o: Any, names: tuple[str, ...], zero_ok: tuple[str, ...] = ()) -> None:
     """Each named option, when given, is > 0 (or >= 0 for those in `zero_ok`)."""
+    from kinds.checks import check_positive
+
     for name in names:
         v = getattr(o, name, None)
-        if v is not None and (v < 0 or (v == 0 and name not in zero_ok)):
-            raise UserError(f"--{name.replace('_', '-')} must be positive (got {v})")
+        if name in zero_ok and v == 0:
+            continue
+        check_positive("--" + name.replace("_", "-"), v)
 
 
 def train_describe(what: str):
