@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,16 @@ class EventTail:
                     yield json.loads(line)
                 except json.JSONDecodeError:
                     continue
+
+
+def rank_threads_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Thread settings for training ranks: OMP_NUM_THREADS (1 unless set) for every threading library.
+
+    torch takes its intra-op thread count from MKL_NUM_THREADS too, and the smaller one wins: a worker started
+    with OMP_NUM_THREADS=2 beside an inherited MKL_NUM_THREADS=1 trained on one core (benchmarks/README.md s.8).
+    """
+    n = environ.get("OMP_NUM_THREADS", "1")
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
 
 
 def torchrun_command(module: str, config_path: Path, nproc: int) -> list[str]:

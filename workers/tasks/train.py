@@ -27,7 +27,7 @@ from shared.storage import Storage, sha256_file
 from workers import bookkeeping as bk
 from workers.recording import record_artifact, record_metrics
 from workers.runner import ShardContext, ShardOutput
-from workers.supervisor import supervise, torchrun_command
+from workers.supervisor import rank_threads_env, supervise, torchrun_command
 from workers.train.fencing import FENCE_DATABASE_ENV
 
 log = logging.getLogger(__name__)
@@ -196,8 +196,7 @@ def train_work(ctx: ShardContext) -> ShardOutput:
     hb = ctx.heartbeat
     outcome = supervise(cmd, events, run_dir / "torchrun.log", on_event,
                         should_stop=hb.should_stop,
-                        env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-                             FENCE_DATABASE_ENV: ctx.settings.database_url})
+                        env={**rank_threads_env(os.environ), FENCE_DATABASE_ENV: ctx.settings.database_url})
     if hb.lost.is_set():
         raise bk.LeaseLost(f"training run {ctx.job_id} lost its lease")
     if last.get("stopped") == "fenced":
