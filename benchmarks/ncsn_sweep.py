@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evals", nargs="+", type=int, default=[200, 50], help="network evaluations a sample")
     ap.add_argument("--step-lr", type=float, default=None, help="fixed Langevin step_lr (default: technique 4)")
     ap.add_argument("--base-channels", type=int, default=16)
+    ap.add_argument("--lr-schedule", nargs="+", default=["constant"], choices=["constant", "cosine"],
+                    help="one run per schedule (cosine decays to 0 at --steps)")
+    ap.add_argument("--lr", type=float, default=None, help="default: the preset's")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.ml.classifier import train_classifier
     from workers.ml.fid import compute_fid_is, images_to_uint8
     from workers.ml.mnist import load_mnist, to_tensor
-    from workers.ml.score import EMA, anneal_langevin, dsm_loss, get_preset, get_sigmas, init_noise
+    from workers.ml.score import EMA, anneal_langevin, dsm_loss, get_preset, get_sigmas, init_noise, lr_factor
     from workers.train.ncsn import build_model, build_optimizer
 
     torch.set_num_threads(args.threads)
@@ -72,10 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     x_all = to_tensor(train_u8, "zero_one")  # (4000, 1, 28, 28)
 
     rows = []
-    for spec in args.levels:
+    runs = [(spec, schedule) for spec in args.levels for schedule in args.lr_schedule]
+    for spec, schedule in runs:
         sigma_max, n_levels = float(spec.split(":")[0]), int(spec.split(":")[1])
         cfg = get_preset("ncsn") | {"base_channels": args.base_channels, "sigma_max": sigma_max,
                                     "num_levels": n_levels}
+        cfg["lr"] = args.lr or cfg["lr"]
+        cfg["batch_size"] = args.batch_size or cfg["batch_size"]
         sigmas = get_sigmas("geometric", sigma_max, cfg["sigma_min"], n_levels)
         torch.manual_seed(0)
         model = build_model(cfg)
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         while step < args.steps:
             for group in opt.param_groups:
-                group["lr"] = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup_steps"])
+                group["lr"] = cfg["lr"] * lr_factor(step, args.steps, cfg["warmup_steps"], schedule)
             idx = torch.randint(0, len(x_all), (cfg["batch_size"],), generator=gen)
             loss = dsm_loss(model, x_all[idx], sigmas, generator=gen)["loss"]
             opt.zero_grad(set_to_none=True)
@@ -99,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         ema.copy_to(model)
         model.eval()
         gamma = float(sigmas[0] / sigmas[1])
-        print(f"sigma_max {sigma_max} L {n_levels} (ratio {gamma:.3f}): {step} steps in {train_s / 60:.1f} min, "
+        print(f"sigma_max {sigma_max} L {n_levels} (ratio {gamma:.3f}), lr {cfg['lr']:g} {schedule}, batch "
+              f"{cfg['batch_size']}: {step} steps in {train_s / 60:.1f} min, "
               f"loss of the last 100 steps {sum(losses[-100:]) / len(losses[-100:]):.2f}", flush=True)
         for evals in args.evals:
             t_each = max(1, round(evals / n_levels))
@@ -113,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             m = compute_fid_is(test_u8, images_to_uint8(x, "zero_one"), features="mnist-classifier",
                                classifier=classifier, is_splits=10)
             row = {"sigma_max": sigma_max, "num_levels": n_levels, "gamma": round(gamma, 4),
-                   "base_channels": args.base_channels, "train_minutes": round(train_s / 60, 2), "steps": step,
+                   "base_channels": args.base_channels, "lr": cfg["lr"], "lr_schedule": schedule,
+                   "batch_size": cfg["batch_size"], "train_minutes": round(train_s / 60, 2), "steps": step,
                    "loss_last100": round(sum(losses[-100:]) / len(losses[-100:]), 3), "steps_each": t_each,
                    "step_lr": eps, "evals_per_sample": n_levels * t_each + 1, "n_samples": args.n,
                    "sample_s": round(sample_s, 1), "fid": round(m["fid"], 1), "is_mean": round(m["is_mean"], 2)}

@@ -94,6 +94,22 @@ def get_preset(name: str) -> dict[str, Any]:
     return copy.deepcopy(NCSN_PRESETS[name])
 
 
+def lr_factor(step: int, total: int, warmup: int = 0, schedule: str = "constant") -> float:
+    """Multiplier of the base learning rate for optimiser step ``step`` (0-based) of ``total``.
+
+    A linear warm-up over ``warmup`` steps (NCSNv2 / DDPM practice: Adam's first steps at full lr knock a fresh
+    U-Net about), then "constant" or "cosine" (half a cosine from 1 to 0 at ``total``). The decay is what lets
+    the last weights settle: at a constant lr they keep SGD noise that tilts the learned score (benchmarks/README.md
+    s.8 and the mixture test in tests/workers/ml/test_score_known.py).
+    """
+    if schedule not in ("constant", "cosine"):
+        raise UserError(f"unknown lr schedule {schedule!r}: use constant or cosine")
+    factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if schedule == "cosine" and total > 0:
+        factor *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total)))
+    return factor
+
+
 def get_sigmas(
     kind: Literal["geometric", "linear"] = "geometric",
     sigma_max: float = 1.0,

@@ -15,7 +15,6 @@ Besides the common events it logs the metrics "accuracy_epoch" (train) and "test
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ from workers.train.common import (
     sha256_file,
     teardown_distributed,
 )
+from workers.train.runtime import exit_rank
 
 CLASSIFIER_DEFAULTS = {"lr": 2e-3, "weight_decay": 0.0, "batch_size": 64, "epochs": 5}
 """Config defaults: the settings of ``workers.ml.classifier.train_classifier`` (Adam, cross-entropy)."""
@@ -98,4 +98,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())  # an exception still exits 1 with its traceback

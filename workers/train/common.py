@@ -202,7 +202,7 @@ class Trainer:
         self.events = EventWriter(cfg.get("events"), enabled=info.is_main)
         if info.is_main and stop.fence is None:
             stop.fence = LeaseFence.from_config(cfg.get("fence"))
-        self.epoch, self.step, self.step_in_epoch = 0, 0, 0
+        self.epoch, self.step, self.step_in_epoch, self.total_steps = 0, 0, 0, 0
         self.resumed_from: str | None = None
         self.last_saved_step: int | None = None
         self.last_checkpoint: str | None = None
@@ -336,6 +336,7 @@ class Trainer:
         every = int(cfg["checkpoint_every"] or 0)
         spe = steps_per_epoch(num_samples, info.world_size, int(cfg["batch_size"]))
         total = epochs * spe if cfg.get("max_steps") is None else min(epochs * spe, int(cfg["max_steps"]))
+        self.total_steps = total  # read by step functions with an lr schedule
         fault = cfg.get("fault") or {}
         pids: list[Any] = [os.getpid()]
         if info.ddp:  # lets a supervisor signal the ranks themselves (torchrun exits 0 when they stop cleanly)

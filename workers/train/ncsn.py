@@ -7,7 +7,8 @@ CONFIG.json holds the common keys of ``workers.train.common`` plus
     "data": "mnist:embedded" or an MNIST IDX folder (the train split is used)
     "max_train_samples": optional cap (the first N digits of the split; embedded prefixes are class-balanced)
     "preset": "ncsn" | "seed-code" (default "ncsn"), whose ``NCSN_PRESETS`` keys are the defaults for the
-      noise levels (sigma_kind, sigma_max, sigma_min, num_levels), data_scale, optimizer, lr, weight_decay,
+      noise levels (sigma_kind, sigma_max, sigma_min, num_levels), data_scale, optimizer, lr, warmup_steps,
+      lr_schedule ("constant" or "cosine" to 0 at the run's last step: epochs or max_steps), weight_decay,
       batch_size, epochs, amp, ema_decay and the network (base_channels, channel_mults, scale_by_sigma);
       any of them given in the file wins.
 The loss backpropagated is NCSN's (sigma^2 / 2 * sum, batch mean); the seed code's units (sigma^2 * mean) are
@@ -17,14 +18,12 @@ checkpoint under extra["ema"]; ``load_score_model`` returns them ready for sampl
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from shared.errors import UserError
 from workers.ml.mnist import load_mnist, to_tensor
 from workers.ml.ncsn import ScoreUNet
-from workers.ml.score import EMA, dsm_loss, get_preset, get_sigmas
+from workers.ml.score import EMA, dsm_loss, get_preset, get_sigmas, lr_factor
 from workers.train.common import (
     StopFlag,
     Trainer,
@@ -33,6 +32,7 @@ from workers.train.common import (
     setup_distributed,
     teardown_distributed,
 )
+from workers.train.runtime import exit_rank
 
 
 def preset_defaults(given: dict) -> dict:
@@ -107,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     warmup, base_lr = int(cfg.get("warmup_steps") or 0), float(cfg["lr"])
+    schedule = str(cfg.get("lr_schedule") or "constant")
 
     def step_fn(model: torch.nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        # linear LR warm-up (NCSNv2 / DDPM practice): Adam's first steps at full LR knock a fresh U-Net about
-        if warmup:  # trainer.step counts the steps already taken (restored on resume)
+        if warmup or schedule != "constant":  # trainer.step counts the steps already taken (restored on resume)
+            factor = lr_factor(trainer.step, trainer.total_steps, warmup, schedule)
             for group in optimizer.param_groups:
-                group["lr"] = base_lr * min(1.0, (trainer.step + 1) / warmup)
+                group["lr"] = base_lr * factor
         # each rank draws its own levels and noise from its own RNG (seeded seed + rank, restored on resume)
         out = dsm_loss(model, x_all[idx.to(info.device)], sigmas)
         return out["loss"], {"loss_seed_units": out["loss_seed_units"]}
@@ -123,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())  # an exception still exits 1 with its traceback

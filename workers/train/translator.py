@@ -20,7 +20,6 @@ translator has to get below. Both are latent-space MSEs: the eval-translator job
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +35,7 @@ from workers.train.common import (
     setup_distributed,
     teardown_distributed,
 )
+from workers.train.runtime import exit_rank
 
 LATENT_KEYS = ("z_rgb_t", "z_ir_t")
 
@@ -160,4 +160,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())  # an exception still exits 1 with its traceback

@@ -330,3 +330,15 @@ def test_presets_follow_the_reference() -> None:
     assert NCSN_PRESETS["ncsn"]["lr"] == 1e-3
     with pytest.raises(UserError, match="ncsn, seed-code"):
         get_preset("ddpm")
+
+
+def test_lr_factor_warms_up_then_follows_the_schedule() -> None:
+    from workers.ml.score import lr_factor
+
+    assert lr_factor(0, 1000, warmup=100) == pytest.approx(0.01)
+    assert lr_factor(99, 1000, warmup=100) == 1.0 and lr_factor(999, 1000, warmup=100) == 1.0
+    assert lr_factor(500, 1000, schedule="cosine") == pytest.approx(0.5)
+    assert lr_factor(1000, 1000, schedule="cosine") == pytest.approx(0.0)
+    assert lr_factor(0, 1000, warmup=100, schedule="cosine") == pytest.approx(0.01)
+    with pytest.raises(UserError, match="lr schedule 'step'"):
+        lr_factor(0, 10, schedule="step")
