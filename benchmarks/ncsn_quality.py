@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=500, help="samples per mark")
     p.add_argument("--steps-each", type=int, default=None, help="Langevin steps per level (default: the preset's)")
     p.add_argument("--base-channels", type=int, default=None, help="default: the preset's")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="end training at this step (the lr schedule decays over it); marks after the end take the "
+                        "final checkpoint")
     p.add_argument("--grid", type=Path, default=None, help="PNG: 10x10 samples of the last mark")
     p.add_argument("--real-grid", type=Path, default=None, help="PNG: 10x10 real training digits")
     p.add_argument("--threads", type=int, default=2, help="OMP threads per worker process")
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             train_job = submit.submitter("train-ncsn")(settings, ns(
                 data=EMBEDDED, preset=args.preset, epochs=100000, batch_size=None, lr=None, gpus=1,
                 base_channels=args.base_channels, max_train_samples=None, steps_each=None, amp=False,
-                checkpoint_every=0, max_steps=None, log_every=20, seed=0))
+                checkpoint_every=0, max_steps=args.max_steps, log_every=20, seed=0))
             print(f"train-ncsn --preset {args.preset}: job {train_job}", flush=True)
             marked: list[tuple[float, int, int, float]] = []  # (mark, checkpoint, step, seconds)
             sample_jobs: list[tuple[float, int, int, float, str]] = []  # (mark, ckpt, step, seconds, job)
@@ -134,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
                 if state in ("failed", "cancelled"):
                     raise RuntimeError(f"train-ncsn {train_job} ended {state}")
                 cks = _checkpoints(settings, train_job)
-                if not cks or cks[-1][2] < pending[0] * 60:
+                ended = state == "succeeded"  # --max-steps reached before the last mark
+                if not cks or (cks[-1][2] < pending[0] * 60 and not ended):
                     continue
                 mark = pending.pop(0)
-                if not pending:
+                if not pending and not ended:
                     jobs.cancel(settings, train_job)  # the run saves a last checkpoint and stops
                     time.sleep(2.0)
                     last = cks[-1][1]
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                     cks = _checkpoints(settings, train_job)
                 # the last checkpoint written by the mark (the first one after it when none was: a slow start);
                 # (the last mark: the checkpoint the cancel wrote)
-                if pending:
+                if pending and not ended:
                     cid, step, secs = ([c for c in cks if c[2] <= mark * 60] or cks[:1])[-1]
                 else:
                     cid, step, secs = cks[-1]
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     classifier=clf_ckpt, is_splits=splits, seed=0))
                 m = summary_metrics(settings, fj)
                 wall = (job.finished_at - job.started_at).total_seconds() if job.started_at else None
-                records.append({"preset": args.preset,
+                records.append({"preset": args.preset, "max_steps": args.max_steps,
                                 "base_channels": args.base_channels or preset["base_channels"],
                                 "train_minutes": round(secs / 60, 2), "mark_minutes": mark,
                                 "steps": step, "fid": m["fid"], "is_mean": m["is_mean"], "is_std": m["is_std"],
