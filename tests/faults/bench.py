@@ -1,11 +1,16 @@
 """What every fault case runs on and returns: the bench (a backend's settings, inputs, references, worker nodes),
-the outcome (what happened, compared with the fault-free run), and the helpers the cases share."""
+the outcome (what happened, compared with the fault-free run), the `fault_case` mark that makes a function of a
+test module a case of `python -m tests.faults.summary`, and the helpers the cases share."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -159,3 +164,46 @@ def attempts_of(settings: Settings, job_id: str) -> dict[int, int]:
 
 class Skip(Exception):
     """The case cannot run here (e.g. mounting is not permitted); the message says why."""
+
+
+def cli(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`orchestrator ARGS` in a process of its own, with the environment the worker nodes get."""
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], env=cl.worker_env(settings), cwd=cl.REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+BOTH = ("servers", "embedded")
+
+
+@dataclass(frozen=True)
+class Case:
+    """A fault case: its `--cases` name, its function, the backends it applies to, and its arguments per backend."""
+
+    name: str
+    fn: Callable[..., list[Outcome]]
+    backends: tuple[str, ...]
+    kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def run(self, bench: Bench, **overrides: Any) -> list[Outcome]:
+        return self.fn(bench, **{**self.kwargs.get(bench.backend, {}), **overrides})
+
+
+def fault_case(name: str, backends: tuple[str, ...] = BOTH, **kwargs: dict[str, Any]):
+    """Mark a function of a test module in this folder as the fault case `name` (what `python -m
+    tests.faults.summary --cases` takes), for `backends`, with its arguments per backend (`servers={...}`,
+    `embedded={...}`). The summary finds the marked functions by importing the test modules, and the tests run them
+    with `run_case` (tests/faults/conftest.py), so both run a case with the same arguments."""
+    unknown = set(kwargs) - set(BOTH)
+    if unknown:  # a misspelt backend would silently run the case with its defaults
+        raise TypeError(f"fault case {name!r}: arguments for unknown backend(s) {', '.join(sorted(unknown))}")
+
+    def mark(fn: Callable[..., list[Outcome]]) -> Callable[..., list[Outcome]]:
+        fn.fault_case = Case(name, fn, backends, kwargs)
+        return fn
+
+    return mark
+
+
+#: Outcomes (by case title) that show a bug not fixed yet: the tests mark them xfail(strict=True) with this reason
+#: (tests/faults/conftest.py known_bug), and the summary fails once such an outcome keeps the promise.
+KNOWN_BUGS: dict[str, str] = {}

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 
 import pytest
 
 from shared.settings import Settings
 from tests.conftest import REDIS_URL, embedded_settings
-from tests.faults.bench import Bench, Outcome, Skip, short_lease
-from tests.faults.cases import CASES, KNOWN_BUGS
+from tests.faults.bench import KNOWN_BUGS, Bench, Outcome, Skip, short_lease
 from tests.faults.cluster import start_zygote
 from tests.faults.state import References, make_inputs
 
@@ -68,16 +68,17 @@ def bench(request) -> Bench:
     return request.getfixturevalue(f"{request.param}_bench")
 
 
-def run_case(name: str, bench: Bench) -> list[Outcome]:
-    """Run the registered case `name` (tests/faults/cases.py CASES) on `bench`, with its arguments there."""
+def run_case(case: Callable[..., list[Outcome]], bench: Bench) -> list[Outcome]:
+    """Run the fault case `case` (a function marked with tests/faults/bench.py fault_case) on `bench`, with its
+    arguments there, as `python -m tests.faults.summary` runs it."""
     try:
-        return CASES[name].run(bench)
+        return case.fault_case.run(bench)
     except Skip as e:
         pytest.skip(str(e))
 
 
 def known_bug(title: str):
-    """xfail(strict=True) with the reason recorded for the outcome `title` in cases.KNOWN_BUGS."""
+    """xfail(strict=True) with the reason recorded for the outcome `title` in tests/faults/bench.py KNOWN_BUGS."""
     return pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[title])
 
 

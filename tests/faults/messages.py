@@ -1,5 +1,5 @@
 """Hand-made task messages: envelopes and bodies Celery cannot parse (poison), and well-formed messages of the wrong
-task for a shard. Used by tests/workers/test_poison.py and the fault cases (tests/faults/cases_messages.py)."""
+task for a shard. Used by tests/workers/test_poison.py and the fault cases (tests/faults/test_messages.py)."""
 
 from __future__ import annotations
 

@@ -3,11 +3,11 @@
     python -m tests.faults.summary                       # every case on every backend available here
     python -m tests.faults.summary --cases kill_children --backends servers --kills 20 --seed 3
 
-Runs the same registered cases (tests/faults/cases.py CASES) as the pytest modules in this folder. Server cases need
-Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432, or ORCH_TEST_REDIS_URL / ORCH_TEST_PG_URL); without them
-they are listed as skipped (with CI set, the command fails). Rows marked "(known bug)" show a bug that is not fixed
-yet (the tests mark them xfail). Exit status 0 when every other case kept the promise and every known bug still
-shows, 1 otherwise.
+Runs the same cases as the pytest modules in this folder: the functions there marked with `@fault_case`
+(tests/faults/bench.py), found by importing those modules. Server cases need Redis (127.0.0.1:6379) and PostgreSQL
+(127.0.0.1:5432, or ORCH_TEST_REDIS_URL / ORCH_TEST_PG_URL); without them they are listed as skipped (with CI set,
+the command fails). Rows marked "(known bug)" show a bug that is not fixed yet (the tests mark them xfail). Exit
+status 0 when every other case kept the promise and every known bug still shows, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import importlib  # noqa: E402
 import random  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -30,15 +31,36 @@ from pathlib import Path  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
 
 from shared.settings import Settings  # noqa: E402
-from tests.faults.bench import LEASE_SECONDS, Bench, Outcome, Skip, short_lease  # noqa: E402
-from tests.faults.cases import CASES, KNOWN_BUGS  # noqa: E402
+from tests.faults.bench import KNOWN_BUGS, LEASE_SECONDS, Bench, Case, Outcome, Skip, short_lease  # noqa: E402
 from tests.faults.cluster import start_zygote  # noqa: E402
 from tests.faults.state import References, make_inputs  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("ORCH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("ORCH_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+#: The order of the table: the quicker cases first. A test module not named here comes after these, by name.
+MODULES = ("test_kill", "test_shutdown", "test_outages", "test_redelivery", "test_storage", "test_submitter",
+           "test_freeze", "test_messages")
 COLUMNS = ("case", "backend", "injections", "shards", "lost", "duplicated", "final state", "= fault-free", "checks",
            "s")
+
+
+def discover() -> dict[str, Case]:
+    """Every fault case of this folder's test modules, by name: the functions marked with `@fault_case`, in the
+    order of MODULES, then in the order each module defines them."""
+    folder = Path(__file__).parent
+    modules = sorted((p.stem for p in folder.glob("test_*.py")),
+                     key=lambda m: (MODULES.index(m) if m in MODULES else len(MODULES), m))
+    cases: dict[str, Case] = {}
+    for name in modules:
+        module = importlib.import_module(f"tests.faults.{name}")
+        for obj in vars(module).values():
+            case = getattr(obj, "fault_case", None)
+            if not isinstance(case, Case) or obj.__module__ != module.__name__:
+                continue  # not a case, or one imported from another module (listed there)
+            if cases.setdefault(case.name, case) is not case:
+                raise RuntimeError(f"two fault cases named {case.name!r}: in {cases[case.name].fn.__module__} "
+                                   f"and {module.__name__}")
+    return cases
 
 
 def _reachable(url: str, default_port: int) -> bool:
@@ -69,12 +91,12 @@ def markdown(rows: list[dict[str, str]]) -> str:
     return "\n".join(out)
 
 
-def run_all(names: list[str], benches: dict[str, Bench | str], kill_kw: dict) -> tuple[list[dict], list[str]]:
+def run_all(cases: list[Case], benches: dict[str, Bench | str], kill_kw: dict) -> tuple[list[dict], list[str]]:
     """Every case on every backend it applies to: (table rows, failures)."""
     rows: list[dict[str, str]] = []
     failures: list[str] = []
-    for name in names:
-        case = CASES[name]
+    for case in cases:
+        name = case.name
         for backend, bench in benches.items():
             if backend not in case.backends:
                 continue
@@ -96,7 +118,7 @@ def run_all(names: list[str], benches: dict[str, Bench | str], kill_kw: dict) ->
                 rows.append(row(o))
                 if o.case in KNOWN_BUGS and not o.failures():
                     failures.append(f"{o.case} [{backend}] kept the promise: the known bug is fixed, remove it from "
-                                    "tests/faults/cases.py KNOWN_BUGS (and so its xfail)")
+                                    "tests/faults/bench.py KNOWN_BUGS (and so its xfail)")
                 elif o.case not in KNOWN_BUGS and o.failures():
                     failures.append(o.report())
     return rows, failures
@@ -129,8 +151,9 @@ def _bench(stack: contextlib.ExitStack, backend: str, work: Path, inputs, refs) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    cases = discover()
     p = argparse.ArgumentParser(prog="python -m tests.faults.summary", description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)}")
+    p.add_argument("--cases", default=",".join(cases), help=f"comma-separated, from: {', '.join(cases)}")
     p.add_argument("--backends", default="servers,embedded", help="comma-separated: servers, embedded")
     p.add_argument("--kills", type=int, default=None,
                    help="pool children killed by kill_children (default: 20 on servers, 4 on embedded)")
@@ -138,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="keep logs and state in this folder (default: a temporary one)")
     args = p.parse_args(argv)
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in names if c not in CASES]
+    unknown = [c for c in names if c not in cases]
     if unknown:
-        p.error(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(CASES)}")
+        p.error(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(cases)}")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     kill_kw = {"seed": args.seed, **({"kills": args.kills} if args.kills else {})}
 
@@ -163,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(bench, Bench):
                 bench.zygote = zygote
             benches[backend] = bench
-        rows, failures = run_all(names, benches, kill_kw)
+        rows, failures = run_all([cases[n] for n in names], benches, kill_kw)
         print(markdown(rows))
         print(f"\n{len(rows)} rows in {time.monotonic() - t0:.0f} s (lease {LEASE_SECONDS:.0f} s, kill seed "
               f"{args.seed}).")
