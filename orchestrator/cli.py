@@ -159,10 +159,8 @@ def cmd_retry(args, settings: Settings) -> int:
 
 
 def cmd_reap(args, settings: Settings) -> int:
-    from shared.db import ensure_schema
     from workers.reaper import reap
 
-    ensure_schema(settings)
     reaped = reap(settings, stale_queued_seconds=args.stale_after)
     _print(f"re-enqueued {len(reaped)} shard(s)")
     return C.EXIT_OK

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shared import constants as C
-from shared.db import ensure_schema
 from shared.settings import Settings
+from shared.store import store
 
 
 @contextmanager
@@ -91,7 +91,7 @@ def run_demo(settings: Settings, workers: int = 2, pairs: int = 32, shards: int 
     from workers.fixtures.tiny_sd import write_tiny_sd
 
     settings.ensure_local_folders()
-    ensure_schema(settings)
+    store(settings).check_schema()  # once, before the workers start: they then find the DB ready
     demo = settings.home / "demo"
     data, model = demo / "m3fd", demo / "tiny-sd"
     if not (data / "Vis").is_dir():

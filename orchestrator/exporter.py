@@ -79,17 +79,9 @@ __all__ = ["filesystem_queue_lengths", "kombu_queue_lengths", "queue_lengths", "
 
 def db_gauges(settings: Settings) -> tuple[dict[str, int], dict[str, int]]:
     """({job state: jobs}, {unfinished shard state: shards}), zero-filled so every series always exists."""
-    from sqlalchemy import func, select
+    from shared.store import store
 
-    from shared.db import ensure_schema, session_scope
-    from shared.models import Job, Shard
-
-    ensure_schema(settings)
-    with session_scope(settings) as s:
-        jobs = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-        shards = dict(s.execute(select(Shard.state, func.count())
-                                .where(Shard.state.in_([st.value for st in UNFINISHED]))
-                                .group_by(Shard.state)).all())
+    jobs, shards = store(settings).state_counts([st.value for st in UNFINISHED])
     return ({st.value: int(jobs.get(st.value, 0)) for st in JobState},
             {st.value: int(shards.get(st.value, 0)) for st in UNFINISHED})
 

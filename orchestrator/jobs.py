@@ -7,15 +7,11 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import insert, or_, select, update
-
-from shared.db import ensure_schema, session_scope
 from shared.errors import UserError
-from shared.models import Item, Job, Lineage, Rejection, Shard
+from shared.models import Job
 from shared.settings import Settings
 from shared.status import JobState, ShardState
-from shared.store import get_job
-from workers.bookkeeping import utcnow
+from shared.store import get_job, store
 from workers.dispatch import enqueue_shards
 
 
@@ -34,23 +30,8 @@ def create_job(
 ) -> str:
     """Insert the job, its shards, items, lineage and refused inputs in ONE transaction: a job is never
     half-created."""
-    ensure_schema(settings)
     job_id = new_job_id(kind)
-    with session_scope(settings) as s:
-        s.add(Job(id=job_id, kind=kind, spec=spec, state=JobState.QUEUED.value, shards_total=n_shards))
-        s.flush()
-        # Core executemany (multi-row VALUES), not the ORM's bulk path: the same rows at a fraction of the CPU
-        conn = s.connection()
-        conn.execute(insert(Shard.__table__), [{"job_id": job_id, "index": i, "state": ShardState.PENDING.value}
-                                               for i in range(n_shards)])
-        if items:
-            conn.execute(insert(Item.__table__), [{"job_id": job_id, **it} for it in items])
-        if lineage:
-            conn.execute(insert(Lineage.__table__), [{"job_id": job_id, "input_kind": k, "input_ref": r,
-                                                      "role": role} for k, r, role in lineage])
-        if rejections:
-            conn.execute(insert(Rejection.__table__), [{"job_id": job_id, "kind": k, "ref": r, "reason": why}
-                                                       for k, r, why in rejections])
+    store(settings).create_job(job_id, kind, spec, n_shards, items, lineage, rejections)
     return job_id
 
 
@@ -100,8 +81,7 @@ def _abandon(settings: Settings, job_id: str, error: str) -> None:
     """Cancel a job whose submission failed (the reaper publishes only queued and running jobs; a claim refuses a
     cancelled one), keeping its rows so that `resume` can still publish it."""
     cancel(settings, job_id)
-    with session_scope(settings) as s:
-        s.execute(update(Job).where(Job.id == job_id).values(error=error[:4000]))
+    store(settings).set_job_error(job_id, error)
 
 
 def cancel(settings: Settings, job_id: str) -> str:
@@ -110,25 +90,7 @@ def cancel(settings: Settings, job_id: str) -> str:
     job = get_job(settings, job_id)
     if JobState(job.state).finished:
         return job.state
-    now = utcnow()
-    with session_scope(settings) as s:
-        s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
-            .values(state=JobState.CANCELLED.value, finished_at=now)
-        )
-        s.execute(
-            update(Shard)
-            .where(Shard.job_id == job_id, Shard.state.in_([ShardState.PENDING, ShardState.QUEUED]))
-            .values(state=ShardState.CANCELLED.value)
-        )
-        # a running shard whose worker is already gone (lease expired) will never notice the cancel itself
-        s.execute(
-            update(Shard)
-            .where(Shard.job_id == job_id, Shard.state == ShardState.RUNNING,
-                   or_(Shard.lease_expires_at.is_(None), Shard.lease_expires_at < now))
-            .values(state=ShardState.CANCELLED.value, lease_owner=None, lease_expires_at=None, finished_at=now)
-        )
+    store(settings).cancel_job(job_id)
     return JobState.CANCELLED.value
 
 
@@ -149,25 +111,10 @@ def resume(settings: Settings, job_id: str, failed_only: bool = False) -> int:
     states = [ShardState.FAILED] if failed_only else [
         ShardState.PENDING, ShardState.QUEUED, ShardState.CANCELLED, ShardState.FAILED,
     ]
-    with session_scope(settings) as s:
-        # running shards keep their lease: they notice the job is running again and carry on (or requeue themselves)
-        s.execute(
-            update(Shard)
-            .where(Shard.job_id == job_id, Shard.state.in_(states))
-            .values(state=ShardState.PENDING.value, error=None)
-        )
-        failed = s.execute(
-            select(Shard.index).where(Shard.job_id == job_id, Shard.state == ShardState.FAILED)
-        ).scalars().all()
-        # a job that never started (its submission failed to publish) waits as `queued` until a shard starts; one
-        # that ran before is `running` again (workers that claimed its shards remember it started, and claim its
-        # next shards without touching the job row: bookkeeping.claim_shard)
-        s.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(state=(JobState.RUNNING if job.started_at is not None else JobState.QUEUED).value,
-                    finished_at=None, error=None, shards_failed=len(failed))
-        )
+    # a job that never started (its submission failed to publish) waits as `queued` until a shard starts; one that
+    # ran before is `running` again (workers that claimed its shards remember it started, and claim its next shards
+    # without touching the job row: bookkeeping.claim_shard)
+    store(settings).reopen_job(job_id, states, started=job.started_at is not None)
     try:
         n = enqueue_shards(settings, job_id)
     except _publish_errors() as e:
@@ -175,13 +122,7 @@ def resume(settings: Settings, job_id: str, failed_only: bool = False) -> int:
         _abandon(settings, job_id, f"resume failed while publishing its shards ({why})")
         raise UserError(f"job {job_id} could not be resumed: its shards could not be published ({why}); it is "
                         f"cancelled: run `orchestrator resume {job_id}` again once the broker is back") from None
-    with session_scope(settings) as s:  # every shard was already done (e.g. a cancel came after the work ended)
-        s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
-                   Job.shards_done == Job.shards_total)
-            .values(state=JobState.SUCCEEDED.value, finished_at=utcnow())
-        )
+    store(settings).succeed_if_all_done(job_id)  # every shard was already done (a cancel came after the work ended)
     return n
 
 

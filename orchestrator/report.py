@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.report_charts import nice_ticks, svg_gantt, svg_histogram, svg_lines  # noqa: F401 (re-exported)
+from orchestrator.report_charts import svg_gantt, svg_histogram, svg_lines  # noqa: F401 (re-exported)
 from orchestrator.report_html import esc, fmt, fmt_seconds, page
 from orchestrator.report_html import table as _table
 from orchestrator.report_images import THUMB, embed_file, img_tag, latent_tile, png_bytes  # noqa: F401 (re-exported)
 from orchestrator.report_pictures import FID_TABLE_METRICS, section_pictures
-from shared import constants as C
 from shared.settings import Settings
 
 #: A shard is a straggler when it took longer than this many times the median shard (and at least 1 s longer).
@@ -55,53 +54,14 @@ class ReportData:
 
 
 def gather(settings: Settings, job_id: str) -> ReportData:
-    """Everything the page shows, read in one session."""
-    from sqlalchemy import or_, select
+    """Everything the page shows (the Store's report_rows, read in one session, and the summary metrics)."""
+    from orchestrator.queries import summary_metrics
+    from shared.store import store
 
-    from orchestrator.queries import _job_or_error, summary_metrics
-    from shared.db import ensure_schema, session_scope
-    from shared.models import Artifact, Checkpoint, Job, Lineage, Metric, Shard
-
-    ensure_schema(settings)
     summary = summary_metrics(settings, job_id)
-    with session_scope(settings) as s:
-        job = _job_or_error(s, job_id).to_dict()
-        shards = [r.to_dict() for r in s.execute(select(Shard).where(Shard.job_id == job_id)
-                                                 .order_by(Shard.index)).scalars()]
-        curves: dict[str, list[tuple[int, float]]] = {}
-        per_item: dict[str, dict[str, float]] = {}
-        for name, value, step, item in s.execute(
-            select(Metric.name, Metric.value, Metric.step, Metric.item).where(Metric.job_id == job_id)
-            .order_by(Metric.name, Metric.step)
-        ).all():
-            if item != C.NO_ITEM:
-                per_item.setdefault(name, {})[item] = value
-            elif step >= 0:
-                curves.setdefault(name, []).append((step, value))
-        artifacts = [a.to_dict() for a in s.execute(select(Artifact).where(Artifact.job_id == job_id)
-                                                    .order_by(Artifact.shard_index, Artifact.id)).scalars()]
-        checkpoints = [c.to_dict() for c in s.execute(select(Checkpoint).where(Checkpoint.job_id == job_id)
-                                                      .order_by(Checkpoint.step)).scalars()]
-        inputs = []
-        for kind, ref, role in s.execute(select(Lineage.input_kind, Lineage.input_ref, Lineage.role)
-                                         .where(Lineage.job_id == job_id).order_by(Lineage.id)).all():
-            row = {"kind": kind, "ref": ref, "role": role, "detail": ""}
-            if kind == "job":
-                other = s.get(Job, ref)
-                row["detail"] = f"{other.kind}, {other.state}" if other else "not in this DB"
-            elif kind == "checkpoint" and ref.isdigit():
-                ck = s.get(Checkpoint, int(ref))
-                row["detail"] = f"step {ck.step} of job {ck.job_id}" if ck else "not in this DB"
-            inputs.append(row)
-        my_ckpts = [str(c["id"]) for c in checkpoints]
-        conds = [(Lineage.input_kind == "job") & (Lineage.input_ref == job_id)]
-        if my_ckpts:
-            conds.append((Lineage.input_kind == "checkpoint") & Lineage.input_ref.in_(my_ckpts))
-        used_by = [{"job_id": j, "kind": k, "state": st, "role": role, "via": f"{ik} {ref}"}
-                   for j, k, st, role, ik, ref in s.execute(
-                       select(Job.id, Job.kind, Job.state, Lineage.role, Lineage.input_kind, Lineage.input_ref)
-                       .join(Lineage, Lineage.job_id == Job.id).where(or_(*conds)).order_by(Job.created_at)).all()]
-    return ReportData(job, shards, summary, curves, per_item, artifacts, checkpoints, inputs, used_by)
+    r = store(settings).report_rows(job_id)
+    return ReportData(r.job, r.shards, summary, r.curves, r.per_item, r.artifacts, r.checkpoints, r.inputs,
+                      r.used_by)
 
 
 def _dt(v: Any) -> datetime | None:

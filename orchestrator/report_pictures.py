@@ -69,18 +69,12 @@ def invert_examples(settings: Settings, data: ReportData, n: int = 4, decode: bo
     """The first `n` pairs (in shard order): inputs, latents z_0 and z_t, and the workers' VAE decodes of both."""
     import torch
     from safetensors import safe_open
-    from sqlalchemy import select
 
-    from shared.db import session_scope
-    from shared.models import Artifact, Item
     from shared.storage import input_path, open_storage
+    from shared.store import store
     from workers.ml.m3fd import Pair, load_image_pair
 
-    with session_scope(settings) as s:
-        rows = s.execute(select(Item.pair_id, Item.rgb_path, Item.ir_path, Item.position, Artifact.uri)
-                         .join(Artifact, Artifact.id == Item.artifact_id)
-                         .where(Item.job_id == data.job["id"]).order_by(Item.shard_index, Item.position)
-                         .limit(n)).all()
+    rows = store(settings).first_pairs(data.job["id"], n)
     if not rows:
         return '<p class="muted">No latents recorded yet.</p>'
     storage = open_storage(settings)

@@ -14,120 +14,17 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
+from orchestrator.watch_view import JobView, ShardView, snapshot  # noqa: F401 (re-exported)
 from shared import constants as C
 from shared.settings import Settings
 from shared.status import JobState, ShardState
 
 #: Keys of a shard's progress that are bookkeeping, not something to show.
 _HIDDEN = {"job_id", "shard", "done", "total", "epoch", "loss", "resumed_from", "world_size", "unit"}
-
-
-@dataclass
-class ShardView:
-    """A running shard as the DB last saw it (progress is as of its last heartbeat)."""
-
-    index: int
-    worker: str | None
-    progress: dict[str, Any]
-    started_at: datetime | None
-    attempts: int
-
-    @property
-    def done(self) -> float:
-        return float(self.progress.get("done") or 0)
-
-    @property
-    def total(self) -> float:
-        return float(self.progress.get("total") or 0)
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.done / self.total) if self.total > 0 else 0.0
-
-
-@dataclass
-class JobView:
-    """One reading of a job for display."""
-
-    job_id: str
-    kind: str
-    state: str
-    shards_total: int
-    shards_done: int
-    shards_failed: int
-    by_state: dict[str, int]
-    running: list[ShardView]
-    created_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    error: str | None
-    now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-
-    @property
-    def finished(self) -> bool:
-        return JobState(self.state).finished
-
-    @property
-    def training(self) -> bool:
-        import kinds  # a training kind's single shard is a run whose progress counts optimiser steps
-
-        kind = kinds.find(self.kind)
-        return kind is not None and kind.training
-
-    @property
-    def fraction(self) -> float:
-        """Finished work over all work: done shards plus the running shards' own fractions."""
-        if self.state == JobState.SUCCEEDED:
-            return 1.0
-        if not self.shards_total:
-            return 0.0
-        return min(1.0, (self.shards_done + sum(r.fraction for r in self.running)) / self.shards_total)
-
-    @property
-    def elapsed(self) -> float:
-        start = _aware(self.started_at) or _aware(self.created_at)
-        end = _aware(self.finished_at) if self.finished and self.finished_at else self.now
-        return max(0.0, (end - start).total_seconds()) if start else 0.0
-
-    @property
-    def eta(self) -> float | None:
-        """Seconds left at the average pace so far (None until something finished)."""
-        f = self.fraction
-        if self.finished or f <= 0.0 or self.elapsed <= 0.0:
-            return None
-        return self.elapsed * (1.0 - f) / f
-
-
-def _aware(dt: datetime | None) -> datetime | None:
-    if dt is None or dt.tzinfo is not None:
-        return dt
-    return dt.replace(tzinfo=timezone.utc)  # SQLite hands back naive datetimes; everything stored is UTC
-
-
-def snapshot(settings: Settings, job_id: str) -> JobView:
-    """Read the job, its shard counts by state and its running shards."""
-    from sqlalchemy import func, select
-
-    from orchestrator.queries import _job_or_error
-    from shared.db import ensure_schema, session_scope
-    from shared.models import Shard
-
-    ensure_schema(settings)
-    with session_scope(settings) as s:
-        job = _job_or_error(s, job_id)
-        by_state = dict(s.execute(select(Shard.state, func.count()).where(Shard.job_id == job_id)
-                                  .group_by(Shard.state)).all())
-        rows = s.execute(select(Shard.index, Shard.worker, Shard.progress, Shard.started_at, Shard.attempts)
-                         .where(Shard.job_id == job_id, Shard.state == ShardState.RUNNING)
-                         .order_by(Shard.index)).all()
-        return JobView(job.id, job.kind, job.state, job.shards_total, job.shards_done, job.shards_failed,
-                       {str(k): int(v) for k, v in by_state.items()},
-                       [ShardView(i, w, dict(p or {}), _aware(st), a) for i, w, p, st, a in rows],
-                       _aware(job.created_at), _aware(job.started_at), _aware(job.finished_at), job.error)
 
 
 # -- rates ------------------------------------------------------------------------------------------------------------

@@ -206,18 +206,23 @@ def ensure_schema(settings: Settings) -> None:
 @contextmanager
 def transaction(settings_or_url: Settings | str) -> Iterator[Connection]:
     """A Core connection in a transaction that commits on success and rolls back on error: for hot paths that run
-    prebuilt statements and need no ORM session (workers/bookkeeping.py's claims)."""
+    prebuilt statements and need no ORM session (the claims of shared/store_leases.py)."""
     url = settings_or_url if isinstance(settings_or_url, str) else settings_or_url.database_url
     with get_engine(url).begin() as conn:
         yield conn
+
+
+def session_factory(url: str) -> sessionmaker:
+    """This process's session factory for `url`, bound to its engine (`get_engine`)."""
+    get_engine(url)
+    return _sessions[(os.getpid(), url)]
 
 
 @contextmanager
 def session_scope(settings_or_url: Settings | str) -> Iterator[Session]:
     """A session that commits on success, rolls back on error, and always closes."""
     url = settings_or_url if isinstance(settings_or_url, str) else settings_or_url.database_url
-    get_engine(url)
-    session = _sessions[(os.getpid(), url)]()
+    session = session_factory(url)()
     try:
         yield session
         session.commit()

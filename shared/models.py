@@ -1,7 +1,7 @@
 """ORM rows of the results database (the source of truth; Celery is only transport).
 
 Constraint names are explicit so migrations stay stable across SQLite and PostgreSQL. Plain entities for callers
-come from `to_dict()`; nothing outside `shared.db`/`orchestrator`/`workers.bookkeeping` holds a session.
+come from `to_dict()` and from the Store (shared/store.py), which returns rows detached from their session.
 """
 
 from __future__ import annotations

@@ -34,3 +34,42 @@ def test_kinds_never_import_the_control_plane():
     """Workers read the kinds (routes, work, finalisers), so a kind reaching into orchestrator/ would run upward."""
     assert not [(f, m) for f, m in _imports("kinds") if m == "orchestrator" or m.startswith("orchestrator.")]
     assert not [(f, m) for f, m in _imports("shared") if m == "kinds" or m.startswith("kinds.")]
+
+
+def _calls_and_names(package: str, name: str) -> list[str]:
+    """Files of `package` that mention `name` as a called function, an imported name or an attribute."""
+    out = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Name) and node.id == name
+                    or isinstance(node, ast.Attribute) and node.attr == name
+                    or isinstance(node, ast.ImportFrom) and any(a.name == name for a in node.names)):
+                out.append(str(path.relative_to(ROOT)))
+                break
+    return out
+
+
+def test_only_the_store_checks_the_schema():
+    """The Store checks the schema once per process and database (shared/store.py); no caller does it again."""
+    found = [f for pkg in ("orchestrator", "workers", "kinds", "shared") for f in _calls_and_names(pkg, "ensure_schema")]
+    assert found == ["shared/store.py"], found
+
+
+def test_the_control_plane_builds_no_sql():
+    """orchestrator/ reads and writes the database through the Store: no SQLAlchemy statements, sessions or
+    engines of its own (its error classes, `sqlalchemy.exc`, and the migrations of `orchestrator db` are fine)."""
+    sql = []
+    for path in sorted((ROOT / "orchestrator").rglob("*.py")):
+        f = str(path.relative_to(ROOT))
+        for node in ast.walk(ast.parse(path.read_text(), f)):
+            if isinstance(node, ast.Import):
+                sql += [(f, a.name) for a in node.names if a.name.split(".")[0] == "sqlalchemy"
+                        and a.name != "sqlalchemy.exc"]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sqlalchemy":
+                sql += [(f, f"{node.module}.{a.name}") for a in node.names
+                        if f"{node.module}.{a.name}" != "sqlalchemy.exc" and node.module != "sqlalchemy.exc"]
+            elif isinstance(node, ast.ImportFrom) and node.module == "shared.db":
+                sql += [(f, f"shared.db.{a.name}") for a in node.names]
+    for name in ("session_scope", "transaction", "get_engine", "session_factory"):
+        sql += [(f, name) for f in _calls_and_names("orchestrator", name)]
+    assert not sql, sql

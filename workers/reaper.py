@@ -19,14 +19,10 @@ import logging
 import threading
 from datetime import timedelta
 
-from sqlalchemy import and_, select, update
-
 import kinds
-from shared.db import session_scope
-from shared.models import Job, Shard
+from shared.models import utcnow
 from shared.settings import Settings
-from shared.status import JobState, ShardState
-from workers.bookkeeping import utcnow
+from shared.store import store
 from workers.dispatch import enqueue_shards, queue_for
 
 log = logging.getLogger(__name__)
@@ -39,34 +35,14 @@ def reap(settings: Settings, stale_queued_seconds: float = STALE_QUEUED_SECONDS,
          requeue_after: float | None = None) -> list[tuple[str, int]]:
     now = utcnow()
     requeue_after = 2 * settings.lease_seconds if requeue_after is None else requeue_after
+    st = store(settings)
     reaped: list[tuple[str, int]] = []
-    with session_scope(settings) as s:
-        expired = s.execute(
-            select(Shard.id, Shard.job_id, Shard.index)
-            .join(Job, Job.id == Shard.job_id)
-            .where(Shard.state == ShardState.RUNNING, Shard.lease_expires_at < now,
-                   Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
-        ).all()
-    for shard_id, job_id, index in expired:
-        with session_scope(settings) as s:
-            res = s.execute(
-                update(Shard)
-                .where(Shard.id == shard_id, Shard.state == ShardState.RUNNING, Shard.lease_expires_at < now)
-                .values(state=ShardState.PENDING.value, lease_owner=None, lease_expires_at=None)
-            )
-        if res.rowcount == 1:
+    for shard_id, job_id, index in st.expired_leases(now):
+        if st.reset_expired(shard_id, now):
             enqueue_shards(settings, job_id, [index])
             reaped.append((job_id, index))
     _end_dead_shards_of_ended_jobs(settings, now)
-    with session_scope(settings) as s:
-        orphans = s.execute(
-            select(Job.id).where(
-                Job.state == JobState.QUEUED,
-                Job.created_at < now - timedelta(seconds=stale_queued_seconds),
-                select(Shard.id).where(and_(Shard.job_id == Job.id, Shard.state == ShardState.PENDING)).exists(),
-            )
-        ).scalars().all()
-    for job_id in orphans:
+    for job_id in st.orphaned_jobs(now - timedelta(seconds=stale_queued_seconds)):
         n = enqueue_shards(settings, job_id)
         reaped += [(job_id, -1)] * n
     reaped += _republish_lost(settings, now, requeue_after)
@@ -79,31 +55,15 @@ def _end_dead_shards_of_ended_jobs(settings: Settings, now) -> int:
     """A shard left `running` under an expired lease by a dead worker of a job that has ended (cancelled, or
     failed by another shard) will never be claimed again: mark it cancelled, so that status, the exporter and the
     report stop counting it as running. `resume` re-enqueues it like any other cancelled shard."""
-    with session_scope(settings) as s:
-        res = s.execute(
-            update(Shard)
-            .where(Shard.state == ShardState.RUNNING, Shard.lease_expires_at < now,
-                   Shard.job_id.in_(select(Job.id).where(Job.state.in_([JobState.CANCELLED, JobState.FAILED,
-                                                                         JobState.SUCCEEDED]))))
-            .values(state=ShardState.CANCELLED.value, lease_owner=None, lease_expires_at=None, finished_at=now)
-            .execution_options(synchronize_session=False)
-        )
-    if res.rowcount:
-        log.warning("reaper: %d shard(s) of ended jobs left running by dead workers marked cancelled", res.rowcount)
-    return res.rowcount
+    n = store(settings).cancel_expired_of_ended_jobs(now)
+    if n:
+        log.warning("reaper: %d shard(s) of ended jobs left running by dead workers marked cancelled", n)
+    return n
 
 
 def _republish_lost(settings: Settings, now, requeue_after: float) -> list[tuple[str, int]]:
-
-    cutoff = now - timedelta(seconds=requeue_after)
-    with session_scope(settings) as s:
-        stale = s.execute(
-            select(Shard.id, Shard.job_id, Shard.index, Shard.enqueued_at, Job.kind)
-            .join(Job, Job.id == Shard.job_id)
-            .where(Shard.state == ShardState.QUEUED, Shard.enqueued_at < cutoff,
-                   Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
-            .limit(10000)
-        ).all()
+    st = store(settings)
+    stale = st.stale_queued(now - timedelta(seconds=requeue_after))
     if not stale:
         return []
     from workers.queues import queue_lengths
@@ -114,13 +74,7 @@ def _republish_lost(settings: Settings, now, requeue_after: float) -> list[tuple
         queue = queue_for(settings, kinds.get(kind).task)
         if lengths.get(queue, 1) != 0:
             continue  # a backlog: the message is most likely still waiting
-        with session_scope(settings) as s:
-            res = s.execute(
-                update(Shard)
-                .where(Shard.id == shard_id, Shard.state == ShardState.QUEUED, Shard.enqueued_at == enqueued_at)
-                .values(state=ShardState.PENDING.value)
-            )
-        if res.rowcount == 1:
+        if st.requeue_lost(shard_id, enqueued_at):
             enqueue_shards(settings, job_id, [index])
             out.append((job_id, index))
     return out

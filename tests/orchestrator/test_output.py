@@ -141,12 +141,13 @@ def test_control_plane_commands_import_no_torch(recorded):
 
 def test_query_commands_import_neither_celery_nor_task_modules(recorded):
     """--help, jobs, status and results read the DB (and the kinds' declarations) only: no Celery, no torch, no task
-    module, so they start fast on a control-plane host."""
+    module and no matplotlib (the report's charts import it when drawn), so they start fast on a control-plane
+    host."""
     code = ("import sys\nfrom orchestrator.cli import main\n"
             "for argv in (['jobs'], ['status', sys.argv[1]], ['results', sys.argv[1], '--limit', '2']):\n"
             "    assert main(argv) == 0, argv\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('celery', 'torch', 'kombu')\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('celery', 'torch', 'kombu', 'matplotlib')\n"
             "       or m.startswith('workers.tasks')]\n"
             "assert not bad, sorted(bad)[:10]\n")
     res = subprocess.run([sys.executable, "-c", code, recorded["eval"]], capture_output=True, text=True,

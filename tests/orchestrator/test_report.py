@@ -2,7 +2,9 @@
 
 The pipeline invert -> train-translator (torchrun, 1 process) -> eval-translator runs in-process on the tiny fixtures;
 the NCSN pages use a sample job and an eval-fid job recorded with the real recording helpers (real MNIST digits as
-the samples), since training an NCSN here would cost a minute. Chromium checks that every image decodes.
+the samples), since training an NCSN here would cost a minute. Chromium checks that every image decodes and every
+chart draws; the charts' numbers are read back from the page's SVG paths (orchestrator/report_charts.py gives each
+plotted artist an id).
 """
 
 from __future__ import annotations
@@ -23,22 +25,36 @@ import pytest
 from orchestrator import jobs, queries
 from orchestrator import report as rp
 from orchestrator import submit as submit_mod
+from orchestrator.report_charts import chart_id
 from orchestrator.report_pictures import RANDOM_MODEL_NOTE
 from shared import constants as C
 from tests.conftest import CI, embedded_settings
 from tests.orchestrator.conftest import invert_args
+from tests.orchestrator.test_report_charts import (
+    artist_path,
+    assert_affine,
+    assert_curve,
+    assert_histogram,
+    without_namespaces,
+)
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage"]
 
-#: Appended to a copy of a page: once everything loaded, count the images that really decoded and the charts.
+#: Appended to a copy of a page: once everything loaded, count the images that really decoded, the charts, the
+#: charts laid out with a size and at least one plotted artist of non-empty extent, and the plotted artists.
 CHECK_JS = """<script>window.addEventListener("load", () => {
   const imgs = [...document.images];
+  const charts = [...document.querySelectorAll("figure.chart svg")];
+  const artists = s => [...s.querySelectorAll('g[id^="chart-"] > path, g[id^="chart-"] use')];
   const d = document.createElement("pre"); d.id = "page-check";
   d.textContent = JSON.stringify({images: imgs.length,
     decoded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
-    svgs: document.querySelectorAll("svg").length, polylines: document.querySelectorAll("polyline").length,
+    charts: charts.length,
+    drawn: charts.filter(s => s.getBoundingClientRect().width > 100 && artists(s).some(a => {
+      const b = a.getBBox(); return b.width > 0 || b.height > 0; })).length,
+    artists: document.querySelectorAll('figure.chart g[id^="chart-"]').length,
     text: document.body.innerText.length});
   document.body.appendChild(d);
 });</script>"""
@@ -172,9 +188,9 @@ def test_invert_report_shows_latents_decodes_timings_and_renders(pipeline, tmp_p
     s, inv = pipeline["settings"], pipeline["invert"]
     out = rp.write_report(s, inv, tmp_path / "invert.html", examples=3)
     page = out.read_text()
-    # self-contained: every image is a data URI, nothing is fetched (the only URL is the SVG namespace)
+    # self-contained: every image is a data URI, nothing is fetched (the only URLs are the SVG namespaces)
     assert re.findall(r'(?:src|href)="(?!data:|#)', page) == []
-    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
+    assert "http://" not in without_namespaces(page) and "https://" not in page
     assert "<script" not in page
     # 3 pairs x (RGB, IR) x (input, z_0, z_t, decode z_0, decode z_t)
     assert page.count('src="data:image/png;base64,') == 3 * 2 * 5
@@ -186,12 +202,14 @@ def test_invert_report_shows_latents_decodes_timings_and_renders(pipeline, tmp_p
     tags = re.findall(r"<img [^>]*>", page)
     assert len(tags) == 30 and all('class="zoom" tabindex="0"' in t for t in tags)
     assert all(max(int(w), int(h)) >= 128 for t in tags for w, h in re.findall(r'width="(\d+)" height="(\d+)"', t))
-    assert "Shard durations per worker" in page and page.count('class="ok"') + page.count('class="slow"') == 4
+    gantt = chart_id("Shard durations per worker (orange: stragglers, red: failed)")
+    assert len(re.findall(rf'<g id="{gantt}-(?:ok|slow)-\d+">', page)) == 4  # one bar per shard, none failed
     assert "Used by" in page and pipeline["train"] in page and pipeline["eval"] in page  # lineage downstream
     shot = tmp_path / "report-invert.png"
     counts = check_page(out, tmp_path, screenshot=shot, window="1280,2000")
     assert counts["images"] == counts["decoded"] == 30, counts
-    assert counts["svgs"] >= 1
+    assert counts["charts"] == counts["drawn"] == page.count('<figure class="chart"') >= 1, counts
+    assert counts["artists"] == len(re.findall(r'<g id="chart-', page)), counts
     screenshot_is_not_blank(shot)
 
 
@@ -202,17 +220,22 @@ def test_training_and_evaluation_reports(pipeline, tmp_path):
     page = train.read_text()
     loss = queries.metric_history(s, pipeline["train"], "loss")
     assert len(loss) >= 4
-    # the loss curve, drawn once (under Pictures), with a point per logged step
-    curves = re.findall(r'<polyline points="([^"]+)"', page)
-    assert [len(c.split()) for c in curves].count(len(loss)) == 1
+    # the loss curve, drawn once (under Pictures), with a vertex per logged step at its value
+    assert_curve(page, f"{chart_id('Training loss')}-line-0", loss)
     assert page.count("<figcaption>Training loss</figcaption>") == 1 and "loss per step" not in page
+    others = sum(len(c) > 1 for n, c in rp.gather(s, pipeline["train"]).curves.items() if n != "loss")
+    assert page.count(' per step</figcaption></figure>') == min(8, others)  # a curve per other metric logged often
+    # a finished job gives the same page each time, but for the time it was made
+    made = re.compile(r"report made [^<]*")
+    assert made.sub("", rp.render_report(s, pipeline["train"])) == made.sub("", page)
     assert "Checkpoints" in page and pipeline["invert"] in page  # lineage: trained on the invert job's latents
     # the eval job used this job twice (its checkpoint and the job itself): one "Used by" row naming both
     assert page.count(pipeline["eval"]) == 1
     row = re.search(rf"<tr><td>{pipeline['eval']}</td>.*?</tr>", page).group(0)
     assert "translator" in row and "training" in row and "checkpoint" in row and "job " in row
     counts = check_page(train, tmp_path)
-    assert counts["polylines"] == len(curves) >= 1 and counts["images"] == counts["decoded"]
+    assert counts["charts"] == counts["drawn"] == page.count('<figure class="chart"'), counts
+    assert counts["images"] == counts["decoded"]
 
     ev = rp.write_report(s, pipeline["eval"], tmp_path / "eval.html")
     page = ev.read_text()
@@ -220,8 +243,15 @@ def test_training_and_evaluation_reports(pipeline, tmp_path):
     assert "PSNR per test pair (translator)" in page and "SSIM per test pair (identity baseline)" in page
     m = queries.summary_metrics(s, pipeline["eval"])
     assert f"PSNR {m['psnr']:.4g} dB" in page  # the sentence of what it did quotes the recorded summary
+    per_item = rp.gather(s, pipeline["eval"]).per_item
+    for name in ("psnr", "ssim"):
+        assert_histogram(page, f"{name.upper()} per test pair (translator)", list(per_item[name].values()))
+        assert_histogram(page, f"{name.upper()} per test pair (identity baseline)",
+                         list(per_item[f"{name}_baseline"].values()))
+    assert made.sub("", rp.render_report(s, pipeline["eval"])) == made.sub("", page)
     counts = check_page(ev, tmp_path, screenshot=tmp_path / "report-eval.png", window="1280,1800")
     assert counts["images"] >= 1 and counts["decoded"] == counts["images"], counts
+    assert counts["charts"] == counts["drawn"] >= 4, counts  # the four histograms at least
     screenshot_is_not_blank(tmp_path / "report-eval.png")
 
 
@@ -273,16 +303,21 @@ def test_stragglers_are_the_shards_far_above_the_median():
     svg = rp.svg_gantt([{"worker": r["worker"], "start": r["start"], "end": r["end"], "short": str(r["index"]),
                          "label": f"shard {r['index']}", "cls": "slow" if r["straggler"] else "ok"}
                         for r in t["rows"]], "g")
-    assert svg.count('class="slow"') == 1 and svg.count('class="ok"') == 5
+    assert re.findall(r'<g id="chart-g-slow-(\d+)">', svg) == ["4"]
+    assert re.findall(r'<g id="chart-g-ok-(\d+)">', svg) == ["0", "1", "2", "3", "5"]
+    assert '<g id="chart-g-slow-4"><title>shard 4: 9.00 s</title>' in svg
+    # each bar spans its shard's start and end on one linear time axis
+    bars = {r["index"]: artist_path(svg, f"chart-g-{'slow' if r['straggler'] else 'ok'}-{r['index']}")
+            for r in t["rows"]}
+    assert_affine([bars[r["index"]][:, 0].min() for r in t["rows"]] + [bars[r["index"]][:, 0].max() for r in t["rows"]],
+                  [r["start"] for r in t["rows"]] + [r["end"] for r in t["rows"]])
 
 
-def test_latent_tile_and_ticks():
+def test_latent_tile():
     z = np.stack([np.full((4, 5), k, np.float32) + np.arange(20, dtype=np.float32).reshape(4, 5)
                   for k in range(4)])
     tile = rp.latent_tile(z)
     assert tile.shape == (8, 10) and tile.dtype == np.uint8 and tile.min() == 0 and tile.max() == 255
-    assert rp.nice_ticks(0, 10) == [0, 2, 4, 6, 8, 10]
-    assert rp.nice_ticks(0.13, 0.61, 4) == [0.2, 0.4, 0.6]
 
 
 def test_one_point_curves_are_numbers_and_large_fids_carry_no_note():

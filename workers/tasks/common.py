@@ -7,8 +7,8 @@ import re
 from collections.abc import Callable
 from functools import lru_cache
 
-from shared.db import ensure_schema
 from shared.settings import Settings
+from shared.store import store
 from workers.celery_app import app
 from workers.poison import WRONG_TASK
 from workers.runner import TRANSIENT, LeasedElsewhere, ShardContext, ShardOutput, run_shard
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 @lru_cache(maxsize=1)
 def settings() -> Settings:
     s = Settings.from_env()
-    ensure_schema(s)
+    store(s).check_schema()  # before any first use: a claim, or recording a malformed message (plain session)
     return s
 
 
