@@ -61,11 +61,9 @@ def describe(data: Any) -> str:
 
 def summary_extra(s, job) -> dict[str, Any]:
     """FIDs from different extractors are not comparable: the summary names the one that was used."""
-    from sqlalchemy import select
+    from shared.store import Store
 
-    from shared.models import Shard
-
-    result = s.execute(select(Shard.result).where(Shard.job_id == job.id, Shard.index == 0)).scalar_one_or_none()
+    result = Store.shard_result(s, job.id, 0)
     return {"feature_extractor": (result or {}).get("feature_extractor", job.spec.get("feature_extractor"))}
 
 

@@ -18,18 +18,13 @@ class EvalTranslatorOptions:
 
 
 def plan(settings, o: EvalTranslatorOptions) -> Plan:
-    from sqlalchemy import select
-
     from kinds.checks import check_positive, check_shards, plan_contiguous
-    from shared.db import session_scope
     from shared.errors import UserError
-    from shared.models import Item
+    from shared.store import store
 
     train_job, uri = checkpoint_of(settings, o.checkpoint, "train-translator", "a translator")
     inv = finished_job(settings, train_job.spec["latents"], "invert", "latents job")
-    with session_scope(settings) as s:
-        test = s.execute(select(Item.pair_id, Item.rgb_path, Item.ir_path)
-                         .where(Item.job_id == inv.id, Item.split == "test").order_by(Item.pair_id)).all()
+    test = store(settings).split_pairs(inv.id, "test")
     if not test:
         raise UserError(f"invert job {inv.id} has no test pairs: re-run it with a larger --test-fraction")
     check_shards(o.shards, len(test), "test pairs")

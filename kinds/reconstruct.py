@@ -40,18 +40,12 @@ class ReconstructOptions:
 
 
 def plan(settings, o: ReconstructOptions) -> Plan:
-    from sqlalchemy import select
-
     from kinds.checks import check_positive, check_shards, plan_contiguous
-    from shared.db import session_scope
     from shared.errors import UserError
-    from shared.models import Item
+    from shared.store import store
 
     inv = finished_job(settings, o.latents, "invert", "--latents")
-    with session_scope(settings) as s:
-        pairs = s.execute(select(Item.pair_id, Item.split, Item.rgb_path, Item.ir_path)
-                          .where(Item.job_id == inv.id, Item.artifact_id.is_not(None))
-                          .order_by(Item.pair_id)).all()
+    pairs = store(settings).kept_pairs(inv.id)
     if not pairs:
         raise UserError(f"invert job {inv.id} kept no pairs: there is nothing to reconstruct")
     check_shards(o.shards, len(pairs))

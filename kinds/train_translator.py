@@ -28,16 +28,11 @@ class TrainTranslatorOptions:
 
 
 def plan(settings, o: TrainTranslatorOptions) -> Plan:
-    from sqlalchemy import func, select
-
-    from shared.db import session_scope
     from shared.errors import UserError
-    from shared.models import Item
+    from shared.store import store
 
     inv = finished_job(settings, o.latents, "invert", "--latents")
-    with session_scope(settings) as s:
-        n_train = s.execute(select(func.count()).select_from(Item)
-                            .where(Item.job_id == inv.id, Item.split == "train")).scalar_one()
+    n_train = store(settings).count_pairs(inv.id, "train")
     if n_train == 0:
         raise UserError(f"invert job {inv.id} has no train pairs: re-run it with a smaller --test-fraction")
     check_positives(o, ("epochs", "lr", "batch_size", "gpus", "base_channels", "depth", "checkpoint_every",

@@ -4,15 +4,17 @@
 DB created or upgraded, a server DB required to be migrated) once per process and URL, on first use, so no caller
 checks it itself. Reads return plain entities: ORM rows detached from their session, small dataclasses, dicts; no
 caller holds a session open. The statements are grouped by what they serve, in the parts a Store is made of:
-jobs (shared/store_jobs.py), results (shared/store_results.py) and the lease protocol (shared/store_leases.py).
+jobs (shared/store_jobs.py), results (shared/store_results.py), the lease protocol (shared/store_leases.py) and a
+shard's work (shared/store_records.py).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
@@ -24,17 +26,20 @@ from shared.models import Artifact, Checkpoint, Job
 from shared.settings import Settings
 from shared.store_jobs import JobRow, JobStatements, JobStatus, RunningShard
 from shared.store_leases import Claim, LeaseStatements
+from shared.store_records import RecordStatements, ShardPairs
 from shared.store_results import ReportRows, ResultStatements
 
-__all__ = ["Claim", "JobRow", "JobStatus", "ReportRows", "RunningShard", "Store", "get_job", "job_of_checkpoint",
-           "store"]
+__all__ = ["Claim", "JobRow", "JobStatus", "ReportRows", "RunningShard", "ShardPairs", "Store", "get_job",
+           "job_of_checkpoint", "store"]
+
+T = TypeVar("T")
 
 
 def no_job(job_id: str) -> UserError:
     return UserError(f"no job '{job_id}': list jobs with `orchestrator jobs`")
 
 
-class Store(JobStatements, ResultStatements, LeaseStatements):
+class Store(JobStatements, ResultStatements, LeaseStatements, RecordStatements):
     """One results database: its engine and sessions in this process, its schema check, and its statements.
 
     Only the database URL of `settings` matters (and whether it is SQLite): one Store serves every Settings that
@@ -97,6 +102,12 @@ class Store(JobStatements, ResultStatements, LeaseStatements):
             self._bind()
         with self._engine.begin() as conn:
             yield conn
+
+    def run(self, statement: Callable[..., T], *args, **kwargs) -> T:
+        """Run one of the statements that take the caller's session (`record_metrics`, say) in a transaction of its
+        own."""
+        with self.session() as s:
+            return statement(s, *args, **kwargs)
 
     # -- one job ------------------------------------------------------------------------------------------------------
 

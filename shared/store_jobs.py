@@ -1,5 +1,6 @@
-"""The Store's statements about jobs: creating, cancelling and re-opening them (orchestrator/jobs.py), and listing and
-counting them (orchestrator/queries.py, orchestrator/watch.py, orchestrator/exporter.py). Part of shared/store.py."""
+"""The Store's statements about jobs: creating, cancelling and re-opening them (orchestrator/jobs.py), marking their
+published shards queued (workers/dispatch.py), and listing and counting them (orchestrator/queries.py,
+orchestrator/watch.py, orchestrator/exporter.py). Part of shared/store.py."""
 
 from __future__ import annotations
 
@@ -127,7 +128,29 @@ class JobStatements:
                 .values(state=JobState.SUCCEEDED.value, finished_at=utcnow())
             )
 
+    def mark_queued(self: Store, job_id: str, indices: Sequence[int], now: datetime) -> None:
+        """Mark the shards whose messages are out `queued`: only pending ones, so a claim that already moved a shard
+        to running is never overwritten. The job stays `queued` until a worker claims a shard."""
+        with self.session() as s:
+            s.execute(
+                update(Shard)
+                .where(Shard.job_id == job_id, Shard.index.in_(list(indices)), Shard.state == ShardState.PENDING)
+                .values(state=ShardState.QUEUED.value, enqueued_at=now)
+            )
+
     # -- reads ----------------------------------------------------------------------------------------------------------
+
+    def job_kind(self: Store, job_id: str) -> str:
+        """The job's kind (NoResultFound when there is no such job)."""
+        with self.session() as s:
+            return s.execute(select(Job.kind).where(Job.id == job_id)).scalar_one()
+
+    def pending_shards(self: Store, job_id: str) -> list[int]:
+        """The indexes of the job's pending shards, in order."""
+        with self.session() as s:
+            return list(s.execute(select(Shard.index)
+                                  .where(Shard.job_id == job_id, Shard.state == ShardState.PENDING)
+                                  .order_by(Shard.index)).scalars())
 
     def list_jobs(self: Store, kind: str | None = None, state: str | None = None, limit: int = 50) -> list[JobRow]:
         """The newest `limit` jobs, optionally of one kind and/or state."""

@@ -100,6 +100,13 @@ _COUNT_DONE = (
     .values(shards_done=_jobs.c.shards_done + 1)
     .returning(_jobs.c.shards_done, _jobs.c.shards_total, _jobs.c.state)
 )
+#: Extend `owner`'s lease of a running shard (a training run's fencing check, `hold_lease`).
+_HOLD = (
+    _shards.update()
+    .where(_shards.c.id == _p("p_shard"), _shards.c.lease_owner == _p("p_owner"),
+           _shards.c.state == ShardState.RUNNING.value)
+    .values(lease_expires_at=_p("p_expires", _TS))
+)
 #: A job's state (the cancel poll).
 _JOB_STATE = select(_jobs.c.state).where(_jobs.c.id == _p("p_job"))
 
@@ -219,6 +226,16 @@ class LeaseStatements:
             )
             state = s.execute(select(Job.state).where(Job.id == job_id)).scalar_one()
         return res.rowcount != 0, state
+
+    @staticmethod
+    def hold_lease(s: Session, shard_id: int, owner: str, lease_seconds: float) -> bool:
+        """Renew `owner`'s lease inside the caller's transaction: False when `owner` no longer holds it.
+
+        The UPDATE locks the shard row until the caller commits, so no claim can take the lease over between this
+        check and the rows the caller writes: they are written by the lease holder or not at all (the fencing token).
+        """
+        return s.connection().execute(_HOLD, {"p_shard": shard_id, "p_owner": owner,
+                                              "p_expires": utcnow() + timedelta(seconds=lease_seconds)}).rowcount == 1
 
     def job_state(self: Store, job_id: str) -> str | None:
         """The job's state, or None when there is no such job (one prebuilt statement: the cancel poll)."""

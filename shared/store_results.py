@@ -1,5 +1,6 @@
-"""The Store's statements about what jobs produced: result pages and summary metrics (orchestrator/queries.py) and
-everything a report shows (orchestrator/report.py, orchestrator/report_pictures.py). Part of shared/store.py.
+"""The Store's statements about what jobs produced: result pages and summary metrics (orchestrator/queries.py),
+everything a report shows (orchestrator/report.py, orchestrator/report_pictures.py) and the pairs of an invert job
+that the plans of later jobs read (kinds/). Part of shared/store.py.
 
 How a kind's results are listed and which extra summary fields it has are the kind's (kinds/); the callers pass them
 in, so this module stays below kinds/."""
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from shared import constants as C
@@ -183,3 +184,31 @@ class ResultStatements:
                 .join(Artifact, Artifact.id == Item.artifact_id)
                 .where(Item.job_id == job_id).order_by(Item.shard_index, Item.position)
                 .limit(n)).all()]
+
+    # -- what plans read (kinds/) ---------------------------------------------------------------------------------------
+
+    def split_pairs(self: Store, job_id: str, split: str) -> list[tuple[str, str, str]]:
+        """(pair id, RGB path, IR path) of one split of an invert job's pairs, by pair id."""
+        with self.session() as s:
+            return [tuple(r) for r in s.execute(
+                select(Item.pair_id, Item.rgb_path, Item.ir_path)
+                .where(Item.job_id == job_id, Item.split == split).order_by(Item.pair_id)).all()]
+
+    def kept_pairs(self: Store, job_id: str) -> list[tuple[str, str, str, str]]:
+        """(pair id, split, RGB path, IR path) of the pairs an invert job kept (it recorded their latents), by pair
+        id."""
+        with self.session() as s:
+            return [tuple(r) for r in s.execute(
+                select(Item.pair_id, Item.split, Item.rgb_path, Item.ir_path)
+                .where(Item.job_id == job_id, Item.artifact_id.is_not(None)).order_by(Item.pair_id)).all()]
+
+    def count_pairs(self: Store, job_id: str, split: str) -> int:
+        """How many of an invert job's pairs are in `split`."""
+        with self.session() as s:
+            return s.execute(select(func.count()).select_from(Item)
+                             .where(Item.job_id == job_id, Item.split == split)).scalar_one()
+
+    @staticmethod
+    def shard_result(s: Session, job_id: str, index: int) -> dict[str, Any] | None:
+        """The recorded result of one shard, read in the caller's session (a summary's `extra`)."""
+        return s.execute(select(Shard.result).where(Shard.job_id == job_id, Shard.index == index)).scalar_one_or_none()

@@ -11,13 +11,10 @@ from contextlib import nullcontext
 from functools import lru_cache
 
 from celery import Celery
-from sqlalchemy import select, update
 
 import kinds
-from shared.db import session_scope
-from shared.models import Job, Shard
 from shared.settings import Settings
-from shared.status import ShardState
+from shared.store import store
 from workers.bookkeeping import utcnow
 
 #: Messages published per pipeline (Redis) and per DB update of their shards.
@@ -96,18 +93,10 @@ def enqueue_shards(settings: Settings, job_id: str, indices: Sequence[int] | Non
     is never overwritten (the UPDATE is conditional on state = pending). A caller that knows the job's kind and the
     shards (the submitter, which just created them) passes both and saves a read.
     """
-    if kind is None or indices is None:
-        with session_scope(settings) as s:
-            if kind is None:
-                kind = s.execute(select(Job.kind).where(Job.id == job_id)).scalar_one()
-            if indices is None:
-                indices = list(
-                    s.execute(
-                        select(Shard.index)
-                        .where(Shard.job_id == job_id, Shard.state == ShardState.PENDING)
-                        .order_by(Shard.index)
-                    ).scalars()
-                )
+    if kind is None:
+        kind = store(settings).job_kind(job_id)
+    if indices is None:
+        indices = store(settings).pending_shards(job_id)
     if not indices:
         return 0
     task_name = kinds.get(kind).task
@@ -130,14 +119,8 @@ def enqueue_shards(settings: Settings, job_id: str, indices: Sequence[int] | Non
                     app.send_task(task_name, kwargs={"job_id": job_id, "shard_index": i}, producer=producer,
                                   queue=queue, declare=[], argsrepr="()",
                                   kwargsrepr=f"{{'job_id': {job_id!r}, 'shard_index': {i}}}")
-            now = utcnow()
-            with session_scope(settings) as s:
-                s.execute(
-                    update(Shard)
-                    .where(Shard.job_id == job_id, Shard.index.in_(chunk), Shard.state == ShardState.PENDING)
-                    .values(state=ShardState.QUEUED.value, enqueued_at=now)
-                )
-                # the job stays `queued` until a worker claims a shard (bookkeeping.claim_shard marks it running): a
-                # job nobody consumes must not look as if it ran. A submitter that dies half-way leaves it queued
-                # with pending shards, which the reaper publishes.
+            # the job stays `queued` until a worker claims a shard (bookkeeping.claim_shard marks it running): a job
+            # nobody consumes must not look as if it ran. A submitter that dies half-way leaves it queued with
+            # pending shards, which the reaper publishes.
+            store(settings).mark_queued(job_id, chunk, utcnow())
     return len(indices)

@@ -10,11 +10,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
-
-from shared.models import Item
-
 log = logging.getLogger(__name__)
 
 #: Pairs of a job that get decoded previews (the report's default number of examples).
@@ -23,10 +18,9 @@ PREVIEW_PAIRS = 4
 LATENT_KEYS = ("z_rgb_0", "z_rgb_t", "z_ir_0", "z_ir_t")
 
 
-def previews_wanted(s: Session, job_id: str, index: int) -> int:
-    """How many of shard `index`'s first pairs are among the job's first PREVIEW_PAIRS pairs."""
-    before = s.execute(select(func.count()).select_from(Item)
-                       .where(Item.job_id == job_id, Item.shard_index < index)).scalar_one()
+def previews_wanted(before: int) -> int:
+    """How many of a shard's first pairs are among the job's first PREVIEW_PAIRS pairs, when `before` pairs of the
+    job lie in earlier shards (shared/store_records.py's `shard_pairs`)."""
     return max(0, PREVIEW_PAIRS - int(before))
 
 

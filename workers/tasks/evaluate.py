@@ -6,13 +6,12 @@ import os
 import time
 
 import numpy as np
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import constants as C
-from shared.db import session_scope
-from shared.models import Artifact, Item, Job
+from shared.models import Job
 from shared.storage import input_path
+from shared.store import store
 from workers.device import cached, pick_device
 from workers.recording import record_artifact, record_item_means, record_metrics
 from workers.runner import ShardContext, ShardOutput
@@ -27,15 +26,7 @@ METRIC_NAMES = ("psnr", "ssim", "psnr_seed_protocol", "ssim_seed_protocol", "psn
 def shard_latent_rows(ctx: ShardContext) -> list[tuple[str, str, str, str, int]]:
     """(pair, rgb path, ir path, latents uri, position in that file) of this shard's pairs, from the invert job
     named by the spec's ``latents`` (a job whose items are pairs of an invert job: eval-translator, reconstruct)."""
-    with session_scope(ctx.settings) as s:
-        return s.execute(
-            select(Item.pair_id, Item.rgb_path, Item.ir_path, Artifact.uri, Item.position)
-            .join(Artifact, Artifact.id == Item.artifact_id)
-            .where(Item.job_id == ctx.spec["latents"],
-                   Item.pair_id.in_(select(Item.pair_id).where(Item.job_id == ctx.job_id,
-                                                              Item.shard_index == ctx.index)))
-            .order_by(Item.pair_id)
-        ).all()
+    return store(ctx.settings).latent_rows(ctx.spec["latents"], ctx.job_id, ctx.index)
 
 
 def stack_latents(ctx: ShardContext, rows: list[tuple[str, str, str, str, int]],

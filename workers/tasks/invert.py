@@ -6,23 +6,17 @@ import json
 import os
 import time
 
-from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from shared import constants as C
 from shared.errors import UserError
-from shared.models import Item, Job, Rejection, Shard
+from shared.models import Job
 from shared.storage import input_path
+from shared.store import Store, store
 from workers import bookkeeping as bk
 from workers.device import cached, pick_device, pick_dtype
 from workers.recording import record_artifact, record_metrics
 from workers.runner import ShardContext, ShardOutput
-
-
-def shard_items(s: Session, job_id: str, index: int) -> list[Item]:
-    return list(
-        s.execute(select(Item).where(Item.job_id == job_id, Item.shard_index == index).order_by(Item.pair_id)).scalars()
-    )
 
 
 def load_sd_cached(model: str, device: str, precision: str):
@@ -36,7 +30,6 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
     import torch
     from safetensors.torch import save_file
 
-    from shared.db import session_scope
     from workers.ml.inversion import InversionConfig, inversion_timesteps, invert_pairs
     from workers.ml.m3fd import Pair, load_image_pair
     from workers.ml.prefetch import prefetched
@@ -45,9 +38,8 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
 
     spec = ctx.spec
     cfg = InversionConfig(**spec["inversion"])
-    with session_scope(ctx.settings) as s:
-        items = [(it.pair_id, it.rgb_path, it.ir_path) for it in shard_items(s, ctx.job_id, ctx.index)]
-        n_previews = previews_wanted(s, ctx.job_id, ctx.index)
+    shard = store(ctx.settings).shard_pairs(ctx.job_id, ctx.index)
+    items, n_previews = shard.pairs, previews_wanted(shard.before)
     device = pick_device(spec.get("device", "auto"))
     parts, hit = load_sd_cached(spec["model"], device, spec.get("precision", "auto"))
     # 'sample' latents draw noise: seeded per (job seed, shard) so a re-run writes the same bytes
@@ -128,19 +120,9 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
         )
         for preview, preview_meta in previews:
             record_artifact(s, ctx.job_id, ctx.index, C.ARTIFACT_IMAGE, preview, preview_meta)
-        for pos, pid in enumerate(pair_ids):
-            s.execute(
-                update(Item)
-                .where(Item.job_id == ctx.job_id, Item.pair_id == pid)
-                .values(artifact_id=art_id, position=pos)
-            )
+        Store.place_pairs(s, ctx.job_id, art_id, pair_ids)
         # a re-run replaces this shard's skip records (its files belong to no other shard) instead of adding to them
-        files = [f for _, f, _ in skipped]
-        if files:
-            s.execute(delete(Rejection).where(Rejection.job_id == ctx.job_id, Rejection.kind == "skipped_input",
-                                              Rejection.ref.in_(files)))
-        for _pid, f, why in skipped:
-            s.add(Rejection(job_id=ctx.job_id, kind="skipped_input", ref=f, reason=why, worker=ctx.owner))
+        Store.replace_skipped(s, ctx.job_id, ctx.owner, skipped)
 
     result = {
         "pairs": len(kept),
@@ -156,15 +138,8 @@ def invert_work(ctx: ShardContext) -> ShardOutput:
 
 
 def finalize_invert(s: Session, job: Job) -> None:
-    n = s.execute(select(func.count()).select_from(Item)
-                  .where(Item.job_id == job.id, Item.artifact_id.is_not(None))).scalar_one()
-    n_skipped = s.execute(select(func.count()).select_from(Rejection)
-                          .where(Rejection.job_id == job.id, Rejection.kind == "skipped_input")).scalar_one()
-    n_train = s.execute(
-        select(func.count()).select_from(Item).where(Item.job_id == job.id, Item.split == "train",
-                                                     Item.artifact_id.is_not(None))
-    ).scalar_one()
-    results = s.execute(select(Shard.result).where(Shard.job_id == job.id)).scalars().all()
+    n, n_train, n_skipped = Store.pair_counts(s, job.id)
+    results = Store.shard_results(s, job.id)
     busy = sum(float((r or {}).get("seconds", 0.0)) for r in results)
     wall = (bk.utcnow() - bk.aware(job.started_at or job.created_at)).total_seconds()
     record_metrics(

@@ -8,13 +8,12 @@ import time
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shared import constants as C
-from shared.db import session_scope
 from shared.errors import UserError
-from shared.models import Artifact, Job, Shard
+from shared.models import Job
+from shared.store import Store, store
 from workers import bookkeeping as bk
 from workers.device import cached, pick_device
 from workers.recording import record_artifact, record_metrics
@@ -112,8 +111,8 @@ def sample_work(ctx: ShardContext) -> ShardOutput:
 
 
 def finalize_sample(s: Session, job: Job) -> None:
-    n = s.execute(select(func.count()).select_from(Shard).where(Shard.job_id == job.id)).scalar_one()
-    results = s.execute(select(Shard.result).where(Shard.job_id == job.id)).scalars().all()
+    results = Store.shard_results(s, job.id)  # one per shard
+    n = len(results)
     total = sum(int((r or {}).get("n", 0)) for r in results)
     busy = sum(float((r or {}).get("seconds", 0.0)) for r in results)
     wall = (bk.utcnow() - bk.aware(job.started_at or job.created_at)).total_seconds()
@@ -122,10 +121,8 @@ def finalize_sample(s: Session, job: Job) -> None:
 
 
 def load_sample_arrays(s: Session, storage, sample_job: str) -> np.ndarray:
-    uris = s.execute(
-        select(Artifact.uri).where(Artifact.job_id == sample_job, Artifact.kind == C.ARTIFACT_SAMPLES)
-        .order_by(Artifact.shard_index)
-    ).scalars().all()
+    """The digits a sample job drew, in shard order, read in the caller's session."""
+    uris = Store.sample_uris(s, sample_job)
     if not uris:
         raise UserError(f"sample job {sample_job} has no samples recorded")
     return np.concatenate([np.load(storage.resolve(u), allow_pickle=False) for u in uris])
@@ -150,8 +147,7 @@ def eval_fid_work(ctx: ShardContext) -> ShardOutput:
 
     spec = ctx.spec
     device = pick_device(spec.get("device", "auto"))
-    with session_scope(ctx.settings) as s:
-        fake = load_sample_arrays(s, ctx.storage, spec["samples"])
+    fake = store(ctx.settings).run(load_sample_arrays, ctx.storage, spec["samples"])
     real, _ = load_mnist(spec["reference"], spec.get("reference_split", "test"))
     if spec.get("n_real"):
         real = real[: int(spec["n_real"])]

@@ -10,20 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 import kinds
 from shared import constants as C
-from shared.db import session_scope, upsert
-from shared.models import Artifact, Checkpoint, Item, Shard
 from shared.settings import Settings
-from shared.status import ShardState
 from shared.storage import Storage, sha256_file
+from shared.store import Store, store
 from workers import bookkeeping as bk
 from workers.recording import record_artifact, record_metrics
 from workers.runner import ShardContext, ShardOutput
@@ -47,30 +43,13 @@ class LeaseUnconfirmed(TimeoutError):
     """Rank 0 stopped the run because it could not confirm the lease, which this attempt still holds: transient."""
 
 
-def latest_checkpoint(s: Session, job_id: str) -> tuple[int, str] | None:
-    row = s.execute(
-        select(Checkpoint.step, Artifact.uri)
-        .join(Artifact, Artifact.id == Checkpoint.artifact_id)
-        .where(Checkpoint.job_id == job_id)
-        .order_by(Checkpoint.step.desc())
-        .limit(1)
-    ).first()
-    return (row[0], row[1]) if row else None
-
-
-def resume_checkpoint(s: Session, storage: Storage, job_id: str) -> str | None:
+def resume_checkpoint(settings: Settings, storage: Storage, job_id: str) -> str | None:
     """The file of the latest recorded checkpoint whose bytes still match the hash recorded with it.
 
     Only a lease holder records checkpoint rows (`record_checkpoint`), each attempt writes into its own folder, so
     a mismatch means the file was damaged after it was recorded; the next older intact one is used instead.
     """
-    rows = s.execute(
-        select(Checkpoint.step, Artifact.uri, Artifact.sha256)
-        .join(Artifact, Artifact.id == Checkpoint.artifact_id)
-        .where(Checkpoint.job_id == job_id)
-        .order_by(Checkpoint.step.desc())
-    ).all()
-    for step, uri, sha in rows:
+    for step, uri, sha in store(settings).checkpoints_newest_first(job_id):
         path = storage.resolve(uri)
         try:
             if sha256_file(path) == sha:
@@ -82,33 +61,18 @@ def resume_checkpoint(s: Session, storage: Storage, job_id: str) -> str | None:
     return None
 
 
-def hold_lease(s: Session, settings: Settings, shard_id: int, owner: str) -> None:
-    """Renew the shard's lease inside the caller's transaction, or raise LeaseLost if `owner` no longer holds it.
-
-    The UPDATE locks the shard row until the caller commits, so no claim can take the lease over between this check
-    and the rows the caller writes: they are written by the lease holder or not at all (the fencing token).
-    """
-    res = s.execute(
-        update(Shard)
-        .where(Shard.id == shard_id, Shard.lease_owner == owner, Shard.state == ShardState.RUNNING)
-        .values(lease_expires_at=bk.utcnow() + timedelta(seconds=settings.lease_seconds))
-    )
-    if res.rowcount != 1:
+def hold_lease(settings: Settings, shard_id: int, owner: str) -> None:
+    """Renew the shard's lease, or raise LeaseLost if `owner` no longer holds it (shared/store_leases.py)."""
+    if not store(settings).run(Store.hold_lease, shard_id, owner, settings.lease_seconds):
         raise bk.LeaseLost(f"lease on shard {shard_id} was taken over: nothing of {owner} is recorded")
 
 
-def translator_data(s: Session, storage: Storage, invert_job: str, split: str = "train") -> dict[str, Any]:
+def translator_data(settings: Settings, storage: Storage, invert_job: str, split: str = "train") -> dict[str, Any]:
     """The rows of one split of an invert job: {"files": [shard file paths], "rows": [[file_idx, position], ...]}."""
-    rows = s.execute(
-        select(Item.position, Artifact.uri)
-        .join(Artifact, Artifact.id == Item.artifact_id)
-        .where(Item.job_id == invert_job, Item.split == split)
-        .order_by(Item.pair_id)
-    ).all()
     files: list[str] = []
     index: dict[str, int] = {}
     out_rows = []
-    for pos, uri in rows:
+    for pos, uri in store(settings).split_rows(invert_job, split):
         if uri not in index:
             index[uri] = len(files)
             files.append(str(storage.resolve(uri)))
@@ -123,13 +87,12 @@ def build_config(ctx: ShardContext, run_dir: Path, attempt_events: Path) -> dict
                 # rank 0 stops the run itself once this attempt no longer holds the lease (workers/train/fencing.py)
                 "fence": {"shard_id": ctx.heartbeat.shard_id, "owner": ctx.owner, "attempt": ctx.attempt,
                           "lease_seconds": ctx.settings.lease_seconds}})
-    with session_scope(ctx.settings) as s:
-        if ctx.kind == "train-translator":
-            cfg["data"] = translator_data(s, ctx.storage, spec["latents"])
-            val = translator_data(s, ctx.storage, spec["latents"], "test")  # per-epoch held-out loss
-            if val["rows"]:
-                cfg["val_data"] = val
-        cfg["resume_from"] = resume_checkpoint(s, ctx.storage, ctx.job_id)
+    if ctx.kind == "train-translator":
+        cfg["data"] = translator_data(ctx.settings, ctx.storage, spec["latents"])
+        val = translator_data(ctx.settings, ctx.storage, spec["latents"], "test")  # per-epoch held-out loss
+        if val["rows"]:
+            cfg["val_data"] = val
+    cfg["resume_from"] = resume_checkpoint(ctx.settings, ctx.storage, ctx.job_id)
     return cfg
 
 
@@ -138,15 +101,13 @@ def record_checkpoint(settings: Settings, storage: Storage, job_id: str, owner: 
     stored = storage.adopt(ev["path"])
     if ev.get("sha256") and ev["sha256"] != stored.sha256:
         raise TrainingFailed(f"checkpoint {ev['path']} changed after it was written (sha256 mismatch)")
-    with session_scope(settings) as s:
-        if shard_id is not None:
-            hold_lease(s, settings, shard_id, owner)
-        art = record_artifact(s, job_id, 0, C.ARTIFACT_CHECKPOINT, stored,
-                              {"step": ev["step"], "epoch": ev["epoch"], "reason": ev.get("reason")})
-        upsert(s, Checkpoint, [{"job_id": job_id, "artifact_id": art, "step": int(ev["step"]),
-                                "epoch": int(ev["epoch"]), "reason": ev.get("reason", "interval"),
-                                "created_at": bk.utcnow()}],
-               key=["job_id", "step"], update=["artifact_id", "epoch", "reason"])
+    # with a shard, only while `owner` holds its lease: the rows are written by the lease holder or not at all
+    fence = None if shard_id is None else (shard_id, owner, settings.lease_seconds)
+    if not store(settings).record_checkpoint(job_id, stored, int(ev["step"]), int(ev["epoch"]),
+                                             ev.get("reason", "interval"),
+                                             {"step": ev["step"], "epoch": ev["epoch"], "reason": ev.get("reason")},
+                                             fence):
+        raise bk.LeaseLost(f"lease on shard {shard_id} was taken over: nothing of {owner} is recorded")
 
 
 def train_work(ctx: ShardContext) -> ShardOutput:
@@ -166,6 +127,7 @@ def train_work(ctx: ShardContext) -> ShardOutput:
     cmd = torchrun_command(kinds.get(ctx.kind).entry_point, config_path, nproc)
     summary: dict[str, Any] = {}
     last: dict[str, Any] = {}
+    db = store(ctx.settings)
 
     def on_event(ev: dict[str, Any]) -> None:
         kind = ev.get("event")
@@ -173,18 +135,15 @@ def train_work(ctx: ShardContext) -> ShardOutput:
             last.update(ev)
             ctx.progress(int(ev["step"]), int(ev.get("total_steps") or 0), epoch=ev.get("epoch"),
                          loss=ev.get("loss"), samples_per_s=ev.get("samples_per_s"))
-            with session_scope(ctx.settings) as s:
-                record_metrics(s, ctx.job_id, [("loss", ev["loss"], int(ev["step"]), C.NO_ITEM)], 0)
+            db.run(record_metrics, ctx.job_id, [("loss", ev["loss"], int(ev["step"]), C.NO_ITEM)], 0)
         elif kind == "metric":
-            with session_scope(ctx.settings) as s:
-                record_metrics(s, ctx.job_id, [(ev["name"], ev["value"], int(ev["step"]), C.NO_ITEM)], 0)
+            db.run(record_metrics, ctx.job_id, [(ev["name"], ev["value"], int(ev["step"]), C.NO_ITEM)], 0)
         elif kind == "checkpoint":
             record_checkpoint(ctx.settings, ctx.storage, ctx.job_id, ctx.owner, ev, ctx.heartbeat.shard_id)
         elif kind == "artifact":
             stored = ctx.storage.adopt(ev["path"])
-            with session_scope(ctx.settings) as s:
-                record_artifact(s, ctx.job_id, 0, str(ev.get("kind", "file")), stored,
-                                {k: v for k, v in ev.items() if k not in ("event", "path", "sha256", "bytes")})
+            db.run(record_artifact, ctx.job_id, 0, str(ev.get("kind", "file")), stored,
+                   {k: v for k, v in ev.items() if k not in ("event", "path", "sha256", "bytes")})
         elif kind == "stopped":
             last["stopped"] = ev.get("reason")
         elif kind == "done":
@@ -200,8 +159,7 @@ def train_work(ctx: ShardContext) -> ShardOutput:
     if hb.lost.is_set():
         raise bk.LeaseLost(f"training run {ctx.job_id} lost its lease")
     if last.get("stopped") == "fenced":
-        with session_scope(ctx.settings) as s:
-            hold_lease(s, ctx.settings, ctx.heartbeat.shard_id, ctx.owner)  # LeaseLost: a newer attempt runs it
+        hold_lease(ctx.settings, ctx.heartbeat.shard_id, ctx.owner)  # LeaseLost: a newer attempt runs it
         # still ours (the database was out of reach for a while): give the lease up and run it again
         raise LeaseUnconfirmed(f"training run {ctx.job_id} stopped: rank 0 could not confirm its lease")
     finished = outcome.done is not None and outcome.returncode == 0
@@ -217,10 +175,8 @@ def train_work(ctx: ShardContext) -> ShardOutput:
         values = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
         values["steps"] = float(outcome.done.get("step", 0))
         values["world_size"] = float(nproc)
-        latest = latest_checkpoint(s, ctx.job_id)
-        if latest:
-            cid = s.execute(select(Checkpoint.id).where(Checkpoint.job_id == ctx.job_id,
-                                                        Checkpoint.step == latest[0])).scalar_one()
+        cid = Store.final_checkpoint_id(s, ctx.job_id)
+        if cid is not None:
             values["final_checkpoint_id"] = float(cid)
         record_metrics(s, ctx.job_id, values)
 

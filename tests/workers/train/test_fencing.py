@@ -118,12 +118,10 @@ def test_only_the_lease_holder_records_checkpoints_and_resume_reads_them(backend
         record_checkpoint(backend, storage, job_id, "host:1:a", stale, first.shard_id)
     with session_scope(backend) as s:
         assert s.execute(select(func.count()).select_from(Checkpoint)).scalar_one() == 1
-        assert resume_checkpoint(s, storage, job_id).endswith("attempt-001/checkpoints/step-00000004.pt")
+    assert resume_checkpoint(backend, storage, job_id).endswith("attempt-001/checkpoints/step-00000004.pt")
     newer = checkpoint_event(storage, job_id, 2, 6)
     record_checkpoint(backend, storage, job_id, "host:2:b", newer, first.shard_id)
-    with session_scope(backend) as s:
-        assert resume_checkpoint(s, storage, job_id) == newer["path"]
+    assert resume_checkpoint(backend, storage, job_id) == newer["path"]
     with open(newer["path"], "ab") as f:  # damaged after it was recorded: resume falls back to the older one
         f.write(b"x")
-    with session_scope(backend) as s:
-        assert resume_checkpoint(s, storage, job_id).endswith("attempt-001/checkpoints/step-00000004.pt")
+    assert resume_checkpoint(backend, storage, job_id).endswith("attempt-001/checkpoints/step-00000004.pt")
