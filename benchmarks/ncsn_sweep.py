@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-schedule", nargs="+", default=["constant"], choices=["constant", "cosine"],
                     help="one run per schedule (cosine decays to 0 at --steps)")
     ap.add_argument("--lr", type=float, default=None, help="default: the preset's")
+    ap.add_argument("--init", nargs="+", default=["prior"], choices=["prior", "uniform"],
+                    help="sampler start: N(data mean, sigma_1^2) or NCSN's U[0, 1]; one row per start")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
@@ -63,7 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     from workers.ml.classifier import train_classifier
     from workers.ml.fid import compute_fid_is, images_to_uint8
     from workers.ml.mnist import load_mnist, to_tensor
-    from workers.ml.score import EMA, anneal_langevin, dsm_loss, get_preset, get_sigmas, init_noise, lr_factor
+    from workers.ml.score import (
+        EMA,
+        anneal_langevin,
+        dsm_loss,
+        get_preset,
+        get_sigmas,
+        init_noise,
+        init_prior,
+        lr_factor,
+    )
     from workers.train.ncsn import build_model, build_optimizer
 
     torch.set_num_threads(args.threads)
@@ -109,12 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sigma_max {sigma_max} L {n_levels} (ratio {gamma:.3f}), lr {cfg['lr']:g} {schedule}, batch "
               f"{cfg['batch_size']}: {step} steps in {train_s / 60:.1f} min, "
               f"loss of the last 100 steps {sum(losses[-100:]) / len(losses[-100:]):.2f}", flush=True)
-        for evals in args.evals:
+        for evals, init in [(e, i) for e in args.evals for i in args.init]:
             t_each = max(1, round(evals / n_levels))
             eps = args.step_lr or technique4_eps(gamma, t_each, cfg["sigma_min"])
             g = torch.Generator().manual_seed(1)
             t1 = time.perf_counter()
-            x = init_noise((args.n, 1, 28, 28), "ncsn", generator=g)
+            if init == "prior":
+                x = init_prior(args.n, x_all.mean(dim=0), float(sigmas[0]), generator=g)
+            else:
+                x = init_noise((args.n, 1, 28, 28), "ncsn", generator=g)
             x = anneal_langevin(model, x, sigmas, n_steps_each=t_each, step_lr=eps, rule="ncsn",
                                 final_denoise=True, clamp=(0.0, 1.0), generator=g)
             sample_s = time.perf_counter() - t1
@@ -124,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                    "base_channels": args.base_channels, "lr": cfg["lr"], "lr_schedule": schedule,
                    "batch_size": cfg["batch_size"], "train_minutes": round(train_s / 60, 2), "steps": step,
                    "loss_last100": round(sum(losses[-100:]) / len(losses[-100:]), 3), "steps_each": t_each,
-                   "step_lr": eps, "evals_per_sample": n_levels * t_each + 1, "n_samples": args.n,
+                   "step_lr": eps, "init": init, "evals_per_sample": n_levels * t_each + 1, "n_samples": args.n,
                    "sample_s": round(sample_s, 1), "fid": round(m["fid"], 1), "is_mean": round(m["is_mean"], 2)}
             rows.append(row)
-            print(f"  T {t_each:4d} eps {eps:.2e} ({row['evals_per_sample']} evals/sample, {sample_s:.0f} s): "
+            print(f"  {init:7s} T {t_each:4d} eps {eps:.2e} ({row['evals_per_sample']} evals/sample, {sample_s:.0f} s): "
                   f"FID {row['fid']:7.1f}  IS {row['is_mean']:.2f}", flush=True)
     if args.json:
         append_records(RESULTS, [r | {"cpus": os.cpu_count(), "loadavg_end": round(os.getloadavg()[0], 2)}

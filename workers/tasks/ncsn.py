@@ -59,7 +59,7 @@ def sample_work(ctx: ShardContext) -> ShardOutput:
     import torch
 
     from workers.ml.fid import images_to_uint8
-    from workers.ml.score import anneal_langevin, init_noise
+    from workers.ml.score import anneal_langevin, init_noise, init_prior
     from workers.train.ncsn import load_score_model
 
     spec = ctx.spec
@@ -86,7 +86,10 @@ def sample_work(ctx: ShardContext) -> ShardOutput:
         def on_step(k: int, _steps: int, batch_no: int = batch_no, start: int = start) -> None:
             ctx.step(batch_no * per_batch + k, steps_total, unit="langevin_steps", samples_done=start, samples=n)
 
-        x = init_noise((b, 1, 28, 28), cfg["rule"], generator=gen, device=device)
+        if cfg.get("init") == "prior" and cfg.get("data_mean") is not None:
+            x = init_prior(b, cfg["data_mean"], float(sigmas[0]), generator=gen, device=device)
+        else:
+            x = init_noise((b, 1, 28, 28), cfg["rule"], generator=gen, device=device)
         x = anneal_langevin(lambda x, s: model(x, s), x, sigmas, n_steps_each=steps_each,
                             step_lr=float(cfg["step_lr"]), rule=cfg["rule"],
                             final_denoise=bool(cfg["final_denoise"]), clamp=clamp, generator=gen, on_step=on_step)

@@ -13,7 +13,8 @@ CONFIG.json holds the common keys of ``workers.train.common`` plus
       any of them given in the file wins.
 The loss backpropagated is NCSN's (sigma^2 / 2 * sum, batch mean); the seed code's units (sigma^2 * mean) are
 logged beside it as the metric "loss_seed_units_epoch". EMA weights, when ema_decay is set, live in the
-checkpoint under extra["ema"]; ``load_score_model`` returns them ready for sampling.
+checkpoint under extra["ema"]; ``load_score_model`` returns them ready for sampling. extra["data_mean"] holds the
+training digits' per-pixel mean, the centre of the sampler's start when the preset's "init" is "prior".
 """
 
 from __future__ import annotations
@@ -62,13 +63,27 @@ def build_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
     return kinds[name](model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
 
 
+class DataMean:
+    """The training digits' per-pixel mean (1, 28, 28), kept in the checkpoint for the sampler's start
+    (``init_prior``: N(mean, sigma_1^2))."""
+
+    def __init__(self, mean: torch.Tensor) -> None:
+        self.mean = mean.detach().cpu().clone()
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean = state["mean"].clone()
+
+
 def load_score_model(
     path: str, device: torch.device | str = "cpu", use_ema: bool = True
 ) -> tuple[ScoreUNet, torch.Tensor, dict]:
     """Rebuild a trained score network from a training checkpoint, for sampling.
 
     Returns (model in eval mode on ``device`` with the EMA weights when the run kept an EMA and ``use_ema``,
-    sigmas (L,) float32, config).
+    sigmas (L,) float32, config). The config carries "data_mean" (a tensor) when the checkpoint holds it.
     """
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
@@ -78,6 +93,8 @@ def load_score_model(
         ema = EMA(model, decay=float(ckpt["extra"]["ema"]["decay"]))
         ema.load_state_dict(ckpt["extra"]["ema"])
         ema.copy_to(model)
+    if ckpt["extra"].get("data_mean") is not None:
+        cfg = {**cfg, "data_mean": ckpt["extra"]["data_mean"]["mean"]}
     sigmas = get_sigmas(cfg["sigma_kind"], cfg["sigma_max"], cfg["sigma_min"], int(cfg["num_levels"]))
     return model.to(device).eval(), sigmas, cfg
 
@@ -100,9 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg).to(info.device)
     optimizer = build_optimizer(cfg, model)
     ema = EMA(model, float(cfg["ema_decay"]), bool(cfg.get("ema_warmup"))) if cfg.get("ema_decay") else None
+    extra: dict = {"data_mean": DataMean(x_all.mean(dim=0))}
+    if checkpoint is not None:  # a checkpoint written before the mean was kept: the same data gives the same mean
+        checkpoint["extra"].setdefault("data_mean", extra["data_mean"].state_dict())
+    if ema is not None:
+        extra["ema"] = ema
     trainer = Trainer(
-        cfg, info, model, optimizer, stop=stop, checkpoint=checkpoint,
-        extra_state={"ema": ema} if ema is not None else {},
+        cfg, info, model, optimizer, stop=stop, checkpoint=checkpoint, extra_state=extra,
         after_step=(lambda: ema.update(model)) if ema is not None else None,
     )
 

@@ -342,3 +342,13 @@ def test_lr_factor_warms_up_then_follows_the_schedule() -> None:
     assert lr_factor(0, 1000, warmup=100, schedule="cosine") == pytest.approx(0.01)
     with pytest.raises(UserError, match="lr schedule 'step'"):
         lr_factor(0, 10, schedule="step")
+
+
+def test_init_prior_draws_the_gaussian_around_the_data_mean() -> None:
+    from workers.ml.score import init_prior
+
+    mean = torch.linspace(0.0, 1.0, 28 * 28).reshape(1, 28, 28)
+    x = init_prior(4000, mean, 0.5, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (4000, 1, 28, 28)
+    assert (x.mean(dim=0) - mean).abs().max() < 0.05  # 4 standard errors of 0.5 / sqrt(4000)
+    assert x.std(dim=0).mean() == pytest.approx(0.5, rel=0.01)

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from workers.ml.mnist import load_mnist, to_tensor
 from workers.ml.ncsn import ScoreUNet
 from workers.ml.score import NCSN_PRESETS
 from workers.train import ncsn
@@ -69,6 +70,10 @@ def test_single_process_training_writes_checkpoints_and_metrics(tmp_path, in_pro
     with torch.no_grad():
         out = model(torch.rand(2, 1, 28, 28), sigmas[:2])
     assert out.shape == (2, 1, 28, 28)
+    # the sampler's start is centred on the digits the run trained on (init_prior)
+    images, _ = load_mnist("mnist:embedded", "train")
+    assert cfg["init"] == "prior"
+    assert torch.allclose(cfg["data_mean"], to_tensor(images[:192], "zero_one").mean(dim=0), atol=1e-6)
 
 
 def test_resume_reproduces_the_noise_draws(tmp_path, in_process) -> None:
@@ -102,5 +107,5 @@ def test_two_rank_ddp_run(tmp_path) -> None:
     ckpts = [e for e in events if e["event"] == "checkpoint"]
     assert [e["reason"] for e in ckpts] == ["final"]
     saved = torch.load(ckpts[0]["path"], weights_only=True)
-    assert saved["extra"] == {} and saved["config"]["sigma_kind"] == "linear"  # seed-code: no EMA
+    assert "ema" not in saved["extra"] and saved["config"]["sigma_kind"] == "linear"  # seed-code: no EMA
     assert len(saved["rng"]) == 2  # both ranks' RNG states, so a resume redraws the same noise
