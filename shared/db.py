@@ -11,7 +11,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -222,7 +222,14 @@ def session_factory(url: str) -> sessionmaker:
 def session_scope(settings_or_url: Settings | str) -> Iterator[Session]:
     """A session that commits on success, rolls back on error, and always closes."""
     url = settings_or_url if isinstance(settings_or_url, str) else settings_or_url.database_url
-    session = session_factory(url)()
+    with scoped(session_factory(url)) as session:
+        yield session
+
+
+@contextmanager
+def scoped(factory: Callable[[], Session]) -> Iterator[Session]:
+    """A session from ``factory`` that commits on success, rolls back on error, and always closes."""
+    session = factory()
     try:
         yield session
         session.commit()

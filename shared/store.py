@@ -83,15 +83,8 @@ class Store(JobStatements, ResultStatements, LeaseStatements, RecordStatements):
             self.check_schema()
         if self._pid != os.getpid():
             self._bind()
-        session = self._factory()
-        try:
+        with db.scoped(self._factory) as session:
             yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:

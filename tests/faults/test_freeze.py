@@ -5,7 +5,6 @@ does after losing the lease is recorded."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import time
@@ -23,7 +22,7 @@ from tests.faults import cluster as cl
 from tests.faults.bench import LEASE_SECONDS, Bench, Outcome, fault_case, submit, wait_job
 from tests.faults.conftest import assert_kept, run_case
 from tests.faults.state import SMALL
-from tests.faults.training import events, fingerprint_training
+from tests.faults.training import events, fingerprint_training, train_translator_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -80,10 +79,7 @@ def _frozen(bench: Bench, mode: str, epochs: int, every: int) -> Outcome:
         a, b = cluster.start(2)
         inv = submit(s, bench, SMALL)
         inv_state = wait_job(s, inv).state
-        args = argparse.Namespace(latents=inv, preset="readme", epochs=epochs, lr=1e-3, weight_decay=None,
-                                  batch_size=2, gpus=2, base_channels=8, depth=2, amp=False, checkpoint_every=every,
-                                  max_steps=None, log_every=1, seed=0)
-        job_id = submit_train_translator(s, args)
+        job_id = submit_train_translator(s, train_translator_args(inv, epochs, every))
         run_dir = Path(s.storage) / "jobs" / job_id / "run"
 
         def recorded_on_a_node():

@@ -3,7 +3,6 @@ node mid-training (Redis + PostgreSQL; tests/orchestrator/test_train_e2e.py kill
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import signal
@@ -33,7 +32,7 @@ from tests.faults.bench import (
 )
 from tests.faults.conftest import assert_kept, run_case
 from tests.faults.state import MANY, SMALL
-from tests.faults.training import events, fingerprint_training
+from tests.faults.training import events, fingerprint_training, train_translator_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -166,10 +165,7 @@ def kill_node_mid_training(bench: Bench, epochs: int = 6, every: int = 5) -> lis
         a, b = cluster.start(2)
         inv = submit(s, bench, SMALL)
         inv_state = wait_job(s, inv).state
-        args = argparse.Namespace(latents=inv, preset="readme", epochs=epochs, lr=1e-3, weight_decay=None,
-                                  batch_size=2, gpus=2, base_channels=8, depth=2, amp=False, checkpoint_every=every,
-                                  max_steps=None, log_every=1, seed=0)
-        job_id = submit_train_translator(s, args)
+        job_id = submit_train_translator(s, train_translator_args(inv, epochs, every))
 
         def checkpoint_on_a_node():
             with session_scope(s) as ss:

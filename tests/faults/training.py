@@ -4,6 +4,7 @@ running one."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections import Counter
 from pathlib import Path
@@ -13,6 +14,13 @@ from sqlalchemy import select
 from shared.db import session_scope
 from shared.models import Job, Shard
 from shared.settings import Settings
+
+
+def train_translator_args(latents: str, epochs: int, checkpoint_every: int) -> argparse.Namespace:
+    """The small 2-rank train-translator job both training fault cases submit."""
+    return argparse.Namespace(latents=latents, preset="readme", epochs=epochs, lr=1e-3, weight_decay=None,
+                              batch_size=2, gpus=2, base_channels=8, depth=2, amp=False,
+                              checkpoint_every=checkpoint_every, max_steps=None, log_every=1, seed=0)
 
 
 def events(run_dir: Path) -> dict[str, list[dict]]:
