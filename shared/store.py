@@ -76,23 +76,24 @@ class Store(JobStatements, ResultStatements, LeaseStatements, RecordStatements):
         self._bind()
         return self._engine
 
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        """An ORM session that commits on success, rolls back on error, and always closes."""
+    def _ready(self) -> None:
+        """Schema checked (once) and engine bound to this process (again after a fork)."""
         if not self._checked:
             self.check_schema()
         if self._pid != os.getpid():
             self._bind()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """An ORM session that commits on success, rolls back on error, and always closes."""
+        self._ready()
         with db.scoped(self._factory) as session:
             yield session
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """A Core connection in a transaction (commit on success, rollback on error): for prebuilt statements."""
-        if not self._checked:
-            self.check_schema()
-        if self._pid != os.getpid():
-            self._bind()
+        self._ready()
         with self._engine.begin() as conn:
             yield conn
 
