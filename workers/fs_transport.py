@@ -12,6 +12,11 @@ transport for it. What differs from kombu's stock `kombu.transport.filesystem`, 
 - Listing is amortised. The stock ``_get`` lists and sorts the whole folder for every message (quadratic in a
   backlog of thousands of shards); here one listing fills a FIFO per queue, refilled when it runs dry (at most
   every ``RELIST_SECONDS``).
+- Bindings are written safely under concurrency. The stock ``_queue_bind`` checks whether the exchange's table
+  exists, then creates it empty (``"wb"``) and only afterwards locks and writes it; a second process binding at the
+  same moment (two workers starting together) opens the new empty file, locks it first and fails to decode it,
+  and a third could truncate a table another has just written. Here the table is opened with ``O_CREAT`` and no
+  truncation, read, extended and rewritten under one exclusive lock, and an empty table reads as no bindings yet.
 - Polling adapts. Stock kombu sleeps ``polling_interval`` after every empty poll, including while the worker may not
   take a message because its only prefetch slot is busy, so each task waits up to a full interval after the previous
   one is acknowledged. Here a consumer blocked only by its prefetch limit re-checks (without listing the folder)
@@ -29,6 +34,7 @@ from time import monotonic, monotonic_ns, sleep
 
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
+from kombu.transport.filesystem import LOCK_EX, LOCK_SH, exchange_queue_t, lock, unlock
 from kombu.utils.encoding import bytes_to_str, str_to_bytes
 from kombu.utils.json import dumps, loads
 
@@ -48,6 +54,11 @@ BLOCKED_POLL_MAX_SECONDS = 0.02
 BLOCKED_POLL_FRACTION = 0.1
 
 
+def _parse_table(data: bytes) -> list:
+    """An exchange table's bytes as bindings; empty (created, not yet written) is no bindings."""
+    return [exchange_queue_t(*q) for q in loads(bytes_to_str(data))] if data.strip() else []
+
+
 class Channel(filesystem.Channel):
     """Filesystem channel with atomic put/take and an amortised, per-queue FIFO of the folder's listing."""
 
@@ -65,13 +76,63 @@ class Channel(filesystem.Channel):
         hit = self._tables.get(exchange)
         if hit is not None and now - hit[0] < TABLE_TTL_SECONDS:
             return hit[1]
-        table = super().get_table(exchange)
+        table = self._read_table(exchange)
         self._tables[exchange] = (now, table)
         return table
 
+    def _read_table(self, exchange: str) -> list:
+        """The bindings file under a shared lock; missing or still empty (being created) reads as no bindings."""
+        path = self._exchange_file(exchange)
+        try:
+            with open(path, "rb") as f:
+                lock(f, LOCK_SH)
+                try:
+                    data = f.read()
+                finally:
+                    unlock(f)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise ChannelError(f"Cannot open {path}") from exc
+        return _parse_table(data)
+
     def _queue_bind(self, exchange, routing_key, pattern, queue):
+        """Add a binding to the exchange's table (see the module docstring for the stock version's race)."""
+        entry = exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        self._rewrite_table(exchange, lambda table: table if entry in table else [entry, *table], create=True)
+
+    def _delete(self, queue, exchange, routing_key, pattern, *args, **kwargs):
+        """Delete the queue and drop its binding from the exchange's table, under the same lock as a bind."""
+        super(filesystem.Channel, self)._delete(queue, exchange, routing_key, pattern, *args, **kwargs)
+        entry = exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        self._rewrite_table(exchange, lambda table: [q for q in table if q != entry], create=False)
+
+    def _rewrite_table(self, exchange: str, change, create: bool) -> None:
+        """Read, change and rewrite an exchange's table under one exclusive lock, opening it without truncation
+        (created when `create`; a missing table with nothing to create is left alone)."""
         self._tables.pop(exchange, None)
-        return super()._queue_bind(exchange, routing_key, pattern, queue)
+        path = self._exchange_file(exchange)
+        try:
+            if create:
+                self.control_folder.mkdir(exist_ok=True)
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            if create:
+                raise ChannelError(f"Cannot open {path}") from None
+            return
+        except OSError as exc:
+            raise ChannelError(f"Cannot open {path}") from exc
+        with os.fdopen(fd, "rb+", buffering=0) as f:
+            lock(f, LOCK_EX)
+            try:
+                table = _parse_table(f.read())
+                new = change(table)
+                if new != table:
+                    f.seek(0)
+                    f.write(str_to_bytes(dumps(new)))
+                    f.truncate()
+            finally:
+                unlock(f)
 
     def _put(self, queue: str, payload, **kwargs) -> None:
         """Write the message under a hidden name, then rename it to ``<ns>_<uuid>.<queue>.msg`` (atomic).

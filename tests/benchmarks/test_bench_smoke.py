@@ -312,3 +312,70 @@ def test_fs_transport_concurrent_consumers_take_each_message_once(tmp_path):
     conn.release()
     everything = sorted(x for part in taken for x in part)
     assert everything == list(range(n))  # nothing lost, nothing twice
+
+
+def _bind_at_once(folder: str, k: int, barrier, errors) -> None:
+    """One process: wait for the others, then bind queue ``q<k>`` to the shared exchange ``ex``."""
+    conn, ch = _channel(Path(folder))
+    try:
+        barrier.wait(30)
+        ch._queue_bind("ex", f"q{k}", None, f"q{k}")
+    except Exception as exc:  # reported to the parent, which asserts there were none
+        errors.put(f"{k}: {exc!r}")
+    finally:
+        conn.release()
+
+
+def test_fs_transport_concurrent_binds_keep_every_binding(tmp_path):
+    """Workers starting together all bind their queues to the same exchange tables. kombu's stock bind creates the
+    table empty and writes it only after locking it, so a process binding at the same moment could read the empty
+    file and fail to start (JSONDecodeError), or truncate another's binding. Every round starts from no table."""
+    import multiprocessing
+
+    ctx, n = multiprocessing.get_context("fork"), 6
+    for round_ in range(15):
+        folder = tmp_path / f"r{round_}"
+        barrier, errors = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_bind_at_once, args=(str(folder), k, barrier, errors)) for k in range(n)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        failures = []
+        while not errors.empty():
+            failures.append(errors.get())
+        assert not failures, failures
+        assert [p.exitcode for p in procs] == [0] * n
+        conn, ch = _channel(folder)
+        try:
+            assert sorted(q.queue for q in ch._read_table("ex")) == sorted(f"q{k}" for k in range(n))
+        finally:
+            conn.release()
+
+
+def test_fs_transport_reads_an_empty_table_as_no_bindings(tmp_path):
+    """A table another process has just created, and not yet written, is no bindings rather than a decode error."""
+    conn, ch = _channel(tmp_path)
+    try:
+        (tmp_path / "control" / "ex.exchange").write_bytes(b"")
+        assert ch.get_table("ex") == []
+        ch._queue_bind("ex", "rk", None, "q")
+        assert [q.queue for q in ch._read_table("ex")] == ["q"]
+    finally:
+        conn.release()
+
+
+def test_fs_transport_delete_drops_only_its_binding(tmp_path):
+    conn, ch = _channel(tmp_path)
+    try:
+        for q in ("a", "b"):
+            ch._queue_bind("ex", q, None, q)
+        ch._put("a", {"n": 1})
+        ch._delete("a", "ex", "a", None)
+        assert [q.queue for q in ch._read_table("ex")] == ["b"]
+        with pytest.raises(Empty):
+            ch._get("a")  # deleting a queue purges it
+        ch._delete("c", "nothing-bound", "c", None)  # no table: nothing to drop, no error
+        assert not (tmp_path / "control" / "nothing-bound.exchange").exists()
+    finally:
+        conn.release()
